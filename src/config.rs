@@ -1,0 +1,206 @@
+//! Options and durability modes: what a caller can choose, and the limits
+//! every choice is checked against before any file is touched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::fs::{RealFs, Storage};
+use crate::queue::Queue;
+
+/// Default size at which the active segment is sealed and a new one started.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Smallest accepted segment size (small segments are for tests).
+pub const SEGMENT_BYTES_MIN: u64 = 4 << 10;
+/// Largest accepted segment size: index positions are 32-bit, and one batch
+/// may overshoot the limit by up to [`RECORD_BYTES_MAX`].
+pub const SEGMENT_BYTES_MAX: u64 = 2 << 30;
+/// Default limit on one encoded record (Kafka's default is also about 1 MB).
+pub const RECORD_BYTES_DEFAULT: usize = 1 << 20;
+/// Hard limit on one encoded record: a batch must fit in 64 MiB.
+pub const RECORD_BYTES_MAX: usize = 32 << 20;
+const _: () = assert!(RECORD_BYTES_MAX <= crate::batch::RECORD_BYTES_MAX);
+/// Default bytes zero-filled ahead of the tail of the active segment
+/// (overwriting allocated space syncs faster than growing the file).
+pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
+/// Default bytes of records buffered in memory by `Os` and `Interval` appends
+/// before they are written in one batch.
+pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 256 << 10;
+/// How long `Os` appends may sit in the write buffer before the background
+/// writer hands them to the OS.
+pub const OS_WRITE_DELAY: Duration = Duration::from_millis(1);
+
+/// How durable an append is when the call returns.
+///
+/// Chosen per queue ([`QueueBuilder::durability`]) and overridable per call
+/// ([`Queue::append_with`]). The default, [`Durability::Sync`], is the only
+/// mode in which an acknowledged record survives a power cut.
+///
+/// ```
+/// use std::time::Duration;
+/// use walq::{Durability, Queue};
+/// let dir = tempfile::tempdir()?;
+/// let queue = Queue::builder(dir.path()).durability(Durability::Interval(Duration::from_millis(50))).open()?;
+/// queue.append(b"metrics sample")?;            // may be lost by a crash within ~50 ms
+/// queue.append_with(b"payment", Durability::Sync)?; // on stable storage when this returns
+/// # Ok::<(), walq::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The call returns after an fdatasync covers the record. Survives a
+    /// process crash and a power cut. Does **not** protect against a disk that
+    /// acknowledges flushes it has not done, or against losing the disk.
+    #[default]
+    Sync,
+    /// The call returns once the record is in walq's write buffer; a
+    /// background thread writes and fdatasyncs at least every interval. A
+    /// process crash loses records still in the buffer (up to about one
+    /// interval); a power cut loses up to one interval of records. Never loses
+    /// a record that an earlier sync covered.
+    Interval(Duration),
+    /// The call returns once the record is in walq's write buffer; it is
+    /// handed to the OS (the page cache) within about a millisecond or when the
+    /// buffer fills, and synced only when something else syncs (a `Sync`
+    /// append, [`Queue::flush`], closing the queue, or a segment roll). A
+    /// process crash loses what is still in the buffer; a power cut can lose
+    /// everything not yet synced.
+    Os,
+}
+
+/// Builds a [`Queue`] with options; every option is validated by
+/// [`open`](QueueBuilder::open) before the directory is touched.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let queue = walq::Queue::builder(dir.path())
+///     .segment_bytes(16 << 20)
+///     .max_record_bytes(64 << 10)
+///     .open()?;
+/// assert_eq!(queue.next_offset(), 0);
+/// # Ok::<(), walq::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct QueueBuilder {
+    pub(crate) dir: PathBuf,
+    pub(crate) create: bool,
+    pub(crate) segment_bytes: u64,
+    pub(crate) max_record_bytes: usize,
+    pub(crate) preallocate_bytes: u64,
+    pub(crate) write_buffer_bytes: usize,
+    pub(crate) durability: Durability,
+    pub(crate) storage: Arc<dyn Storage>,
+}
+
+impl QueueBuilder {
+    pub(crate) fn new(dir: &Path) -> QueueBuilder {
+        QueueBuilder {
+            dir: dir.to_path_buf(),
+            create: true,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            max_record_bytes: RECORD_BYTES_DEFAULT,
+            preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
+            write_buffer_bytes: WRITE_BUFFER_BYTES_DEFAULT,
+            durability: Durability::Sync,
+            storage: Arc::new(RealFs),
+        }
+    }
+
+    /// Whether to create the directory when it is missing (default `true`);
+    /// when `false`, a missing directory is [`Error::NotFound`].
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Size at which the active segment is sealed and a new one started
+    /// (default [`SEGMENT_BYTES_DEFAULT`], accepted
+    /// [`SEGMENT_BYTES_MIN`]..=[`SEGMENT_BYTES_MAX`]). Retention removes whole
+    /// segments, so this is also its granularity.
+    pub fn segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+
+    /// Largest encoded record accepted (default [`RECORD_BYTES_DEFAULT`], at
+    /// most [`RECORD_BYTES_MAX`]); larger ones get [`Error::RecordTooLarge`].
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = bytes;
+        self
+    }
+
+    /// Bytes zero-filled ahead of the tail of the active segment (default
+    /// [`PREALLOCATE_BYTES_DEFAULT`]; 0 turns it off and grows the file with
+    /// each write instead).
+    pub fn preallocate_bytes(mut self, bytes: u64) -> Self {
+        self.preallocate_bytes = bytes;
+        self
+    }
+
+    /// Bytes of `Os`/`Interval` records buffered before they are written in
+    /// one batch (default [`WRITE_BUFFER_BYTES_DEFAULT`]).
+    pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.write_buffer_bytes = bytes;
+        self
+    }
+
+    /// The queue's default durability (default [`Durability::Sync`]). It also
+    /// decides what readers see: with `Sync`, only records a sync covered;
+    /// otherwise every record written to the OS.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Runs the queue on a [`SimDisk`](crate::SimDisk) instead of the real
+    /// file system, for crash and fault-injection tests.
+    pub fn simulated(mut self, disk: &crate::SimDisk) -> Self {
+        self.storage = Arc::new(disk.clone());
+        self
+    }
+
+    /// Validates the options, then opens (and recovers) the queue.
+    pub fn open(self) -> Result<Queue> {
+        self.validate()?;
+        Queue::open_with(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return Err(Error::InvalidOption {
+                name: "segment_bytes",
+                reason: format!(
+                    "{} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                    self.segment_bytes
+                ),
+            });
+        }
+        if !(1..=RECORD_BYTES_MAX).contains(&self.max_record_bytes) {
+            return Err(Error::InvalidOption {
+                name: "max_record_bytes",
+                reason: format!("{} is outside 1..={RECORD_BYTES_MAX}", self.max_record_bytes),
+            });
+        }
+        if self.preallocate_bytes > SEGMENT_BYTES_MAX {
+            return Err(Error::InvalidOption {
+                name: "preallocate_bytes",
+                reason: format!("{} is above {SEGMENT_BYTES_MAX}", self.preallocate_bytes),
+            });
+        }
+        if !(1..=RECORD_BYTES_MAX).contains(&self.write_buffer_bytes) {
+            return Err(Error::InvalidOption {
+                name: "write_buffer_bytes",
+                reason: format!("{} is outside 1..={RECORD_BYTES_MAX}", self.write_buffer_bytes),
+            });
+        }
+        if let Durability::Interval(d) = self.durability
+            && d.is_zero()
+        {
+            return Err(Error::InvalidOption {
+                name: "durability",
+                reason: "Interval(0) would sync continuously; use Durability::Sync".into(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! The ordered list of segments that readers and the writer share: find the
+//! segment holding an offset, map it, seek through its index, and remove old
+//! segments. Invariant: segments are contiguous (each one's base is the
+//! previous one's end) and only the last one is ever written.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use crate::error::{Error, Result};
+use crate::fs::{Storage, StorageFile, write_all_at};
+use crate::index::{self, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
+use crate::mmap::Map;
+use crate::segment::{self, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
+
+/// `end` of a segment that is still being written.
+pub(crate) const OPEN_END: u64 = u64::MAX;
+
+/// One segment as the log sees it: where it is, how far it reaches, and its
+/// cached read-only map. Readers hold an `Arc`, so a segment removed by
+/// retention stays readable through the map they already have.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub base: u64,
+    pub path: PathBuf,
+    pub index_path: PathBuf,
+    /// Offset after the last record once sealed; [`OPEN_END`] while active.
+    end: AtomicU64,
+    /// Bytes of the file that exist and may be mapped (grows while active).
+    mappable: AtomicU64,
+    map: Mutex<Option<Arc<Map>>>,
+    /// Index entries of the active segment (readers seek with them).
+    active_index: RwLock<Vec<IndexEntry>>,
+    /// The index of a sealed segment, loaded (and if need be rebuilt) on first use.
+    sealed_index: OnceLock<SealedIndex>,
+}
+
+#[derive(Debug)]
+enum SealedIndex {
+    /// The index file, mapped (header included) and verified.
+    Mapped(Map),
+    /// Rebuilt from the segment because the file was unusable.
+    Built(Vec<IndexEntry>),
+}
+
+impl Segment {
+    pub(crate) fn new(
+        dir: &Path,
+        base: u64,
+        end: u64,
+        mappable: u64,
+        active_index: Vec<IndexEntry>,
+    ) -> Segment {
+        Segment {
+            base,
+            path: dir.join(segment::segment_name(base)),
+            index_path: dir.join(segment::index_name(base)),
+            end: AtomicU64::new(end),
+            mappable: AtomicU64::new(mappable),
+            map: Mutex::new(None),
+            active_index: RwLock::new(active_index),
+            sealed_index: OnceLock::new(),
+        }
+    }
+
+    /// Offset after the last record, or [`OPEN_END`] while active.
+    pub(crate) fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn seal(&self, end: u64) {
+        self.active_index.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.active_index.write().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+        self.end.store(end, Ordering::Release);
+    }
+
+    pub(crate) fn set_mappable(&self, len: u64) {
+        self.mappable.fetch_max(len, Ordering::Release);
+    }
+
+    /// The active segment's index entries (empty once sealed).
+    pub(crate) fn active_entries(&self) -> Vec<IndexEntry> {
+        self.active_index.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn push_index_entry(&self, entry: IndexEntry) {
+        self.active_index.write().unwrap_or_else(|e| e.into_inner()).push(entry);
+    }
+}
+
+/// The segments and the visible watermark.
+#[derive(Debug)]
+pub(crate) struct Log {
+    pub dir: PathBuf,
+    pub storage: Arc<dyn Storage>,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Offset after the last record readers may see.
+    visible: AtomicU64,
+}
+
+impl Log {
+    pub(crate) fn new(
+        dir: PathBuf,
+        storage: Arc<dyn Storage>,
+        segments: Vec<Arc<Segment>>,
+        visible: u64,
+    ) -> Log {
+        Log { dir, storage, segments: RwLock::new(segments), visible: AtomicU64::new(visible) }
+    }
+
+    pub(crate) fn visible(&self) -> u64 {
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// Makes offsets below `next` visible. Every byte of those records must
+    /// already be in the file (Release pairs with readers' Acquire).
+    pub(crate) fn publish(&self, next: u64) {
+        self.visible.fetch_max(next, Ordering::Release);
+    }
+
+    fn read_segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn first_offset(&self) -> u64 {
+        self.read_segments().first().map_or(0, |s| s.base)
+    }
+
+    pub(crate) fn segment_count(&self) -> usize {
+        self.read_segments().len()
+    }
+
+    /// The segment whose range holds `offset` (the last one with base <= offset).
+    pub(crate) fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segs = self.read_segments();
+        let i = segs.partition_point(|s| s.base <= offset);
+        if i == 0 { None } else { Some(Arc::clone(&segs[i - 1])) }
+    }
+
+    pub(crate) fn push_segment(&self, seg: Arc<Segment>) {
+        self.segments.write().unwrap_or_else(|e| e.into_inner()).push(seg);
+    }
+
+    /// A map of at least `min_len` bytes of `seg` (remapping an active
+    /// segment that grew). Never maps past what exists.
+    pub(crate) fn map(&self, seg: &Segment, min_len: u64) -> Result<Arc<Map>> {
+        let mut cached = seg.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cached.as_ref()
+            && m.len() as u64 >= min_len
+        {
+            return Ok(Arc::clone(m));
+        }
+        let len = seg.mappable.load(Ordering::Acquire);
+        if len < min_len {
+            return Err(Error::corrupt(&seg.path, len, format!("segment ends before byte {min_len}")));
+        }
+        let file = self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))?;
+        let len =
+            usize::try_from(len).map_err(|_| Error::corrupt(&seg.path, 0, "segment too large to map"))?;
+        let map = Arc::new(file.map(len).map_err(|e| Error::io("mmap", &seg.path, e))?);
+        *cached = Some(Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// The position of the batch at or before `offset` in `seg` that the index
+    /// knows of (the segment's first batch when none), with its base offset.
+    pub(crate) fn seek_hint(&self, seg: &Segment, offset: u64) -> (u64, u64) {
+        let start = (SEGMENT_HEADER_LEN as u64, seg.base);
+        let Ok(relative) = u32::try_from(offset - seg.base) else { return start };
+        let found = if seg.end() == OPEN_END {
+            index::floor_in(&seg.active_index.read().unwrap_or_else(|e| e.into_inner()), relative)
+        } else {
+            match seg.sealed_index.get_or_init(|| self.load_sealed_index(seg)) {
+                SealedIndex::Mapped(m) => index::floor_in_body(&m[INDEX_HEADER_LEN..], relative),
+                SealedIndex::Built(v) => index::floor_in(v, relative),
+            }
+        };
+        found.map_or(start, |e| (e.position as u64, seg.base + e.relative as u64))
+    }
+
+    /// Maps and verifies a sealed index; rebuilds it from the segment when it is
+    /// unusable (and rewrites the file, best effort: it is only a cache).
+    fn load_sealed_index(&self, seg: &Segment) -> SealedIndex {
+        let mapped = (|| -> Result<Option<Map>> {
+            let f =
+                self.storage.open_read(&seg.index_path).map_err(|e| Error::io("open", &seg.index_path, e))?;
+            let len = f.len().map_err(|e| Error::io("stat", &seg.index_path, e))?;
+            let map = f.map(len as usize).map_err(|e| Error::io("mmap", &seg.index_path, e))?;
+            match index::check_sealed(&map, seg.base, &seg.index_path)? {
+                Ok(info) if info.next_offset == seg.end() => Ok(Some(map)),
+                _ => Ok(None),
+            }
+        })();
+        if let Ok(Some(map)) = mapped {
+            return SealedIndex::Mapped(map);
+        }
+        tracing::warn!(index = %seg.index_path.display(), "index unusable, rebuilding it from its segment");
+        match rebuild_index(self.storage.as_ref(), &self.dir, seg.base, &seg.path, Some(seg.end())) {
+            Ok(entries) => SealedIndex::Built(entries),
+            Err(e) => {
+                tracing::warn!(segment = %seg.path.display(), error = %e, "index rebuild failed; seeks scan from the segment start");
+                SealedIndex::Built(Vec::new())
+            }
+        }
+    }
+
+    /// Removes whole sealed segments that end at or before `offset`, oldest
+    /// first (so a crash midway never leaves a hole). Returns how many went.
+    pub(crate) fn remove_before(&self, offset: u64) -> Result<usize> {
+        let mut removed = 0;
+        loop {
+            let victim = {
+                let segs = self.read_segments();
+                match segs.first() {
+                    Some(s) if segs.len() > 1 && s.end() != OPEN_END && s.end() <= offset => Arc::clone(s),
+                    _ => break,
+                }
+            };
+            // Drop it from the list first: new readers stop finding it, old ones keep their map.
+            self.segments.write().unwrap_or_else(|e| e.into_inner()).remove(0);
+            let storage = self.storage.as_ref();
+            storage.remove_file(&victim.path).map_err(|e| Error::io("remove", &victim.path, e))?;
+            if let Err(e) = storage.remove_file(&victim.index_path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io("remove", &victim.index_path, e));
+            }
+            storage.sync_dir(&self.dir).map_err(|e| Error::io("fsync", &self.dir, e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+/// Scans a whole segment to rebuild its index, writes it as a sealed index
+/// (temp file, sync, rename) and returns the entries. `expected_end`, when
+/// known, is the offset the segment must reach; falling short is corruption.
+pub(crate) fn rebuild_index(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    path: &Path,
+    expected_end: Option<u64>,
+) -> Result<Vec<IndexEntry>> {
+    let file = storage.open_read(path).map_err(|e| Error::io("open", path, e))?;
+    let len = file.len().map_err(|e| Error::io("stat", path, e))?;
+    let scan = segment::scan(
+        file.as_ref(),
+        path,
+        base,
+        SEGMENT_HEADER_LEN as u64,
+        base,
+        len,
+        INDEX_INTERVAL_BYTES,
+        SEGMENT_HEADER_LEN as u64,
+    )?;
+    if let Some(end) = expected_end
+        && scan.next_offset != end
+    {
+        let (pos, why) = match &scan.stop {
+            Some((p, e)) => (*p, e.to_string()),
+            None => (scan.end, "segment ends early".to_string()),
+        };
+        return Err(Error::corrupt(
+            path,
+            pos,
+            format!("sealed segment stops at offset {} before {end}: {why}", scan.next_offset),
+        ));
+    }
+    let data_len = u32::try_from(scan.end).map_err(|_| Error::corrupt(path, scan.end, "segment too long"))?;
+    write_sealed_index(storage, dir, base, &scan.entries, scan.next_offset, data_len)?;
+    Ok(scan.entries)
+}
+
+/// Writes a sealed index atomically: temp file, fdatasync, rename. The caller
+/// syncs the directory when the rename must be durable (an index is a cache,
+/// so usually it need not be).
+pub(crate) fn write_sealed_index(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    entries: &[IndexEntry],
+    next_offset: u64,
+    data_len: u32,
+) -> Result<()> {
+    let bytes = index::encode_file(base, entries, Some((next_offset, data_len)));
+    write_file_atomic(storage, dir, &segment::index_name(base), &bytes)
+}
+
+/// Replaces `dir/name` with `bytes` through a synced temp file and a rename.
+pub(crate) fn write_file_atomic(storage: &dyn Storage, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}{TEMP_SUFFIX}"));
+    let dest = dir.join(name);
+    let f = storage.open(&tmp, true).map_err(|e| Error::io("create", &tmp, e))?;
+    f.set_len(0).map_err(|e| Error::io("truncate", &tmp, e))?;
+    write_all_at(f.as_ref(), bytes, 0).map_err(|e| Error::io("write", &tmp, e))?;
+    f.sync_data().map_err(|e| Error::io("fdatasync", &tmp, e))?;
+    drop(f);
+    storage.rename(&tmp, &dest).map_err(|e| Error::io("rename", &dest, e))
+}
+
+/// Creates an empty segment (header, then `preallocate` zeroed bytes) and its
+/// index, and syncs both and the directory: nothing may be acknowledged in a
+/// segment whose directory entry could still vanish. Returns the segment file
+/// and its length.
+pub(crate) fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    preallocate: u64,
+) -> Result<(Arc<dyn StorageFile>, u64)> {
+    /// Zeros written per call, at most.
+    const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+    let path = dir.join(segment::segment_name(base));
+    let file = storage.open(&path, true).map_err(|e| Error::io("create", &path, e))?;
+    file.set_len(0).map_err(|e| Error::io("truncate", &path, e))?;
+    write_all_at(file.as_ref(), &segment::encode_header(base), 0)
+        .map_err(|e| Error::io("write", &path, e))?;
+    let mut at = SEGMENT_HEADER_LEN as u64;
+    let end = at + preallocate;
+    let zeros = vec![0u8; preallocate.min(ZERO_CHUNK_BYTES) as usize];
+    while at < end {
+        let n = (end - at).min(ZERO_CHUNK_BYTES);
+        write_all_at(file.as_ref(), &zeros[..n as usize], at)
+            .map_err(|e| Error::io("preallocate", &path, e))?;
+        at += n;
+    }
+    file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+    let bytes = index::encode_file(base, &[], None);
+    write_file_atomic(storage, dir, &segment::index_name(base), &bytes)?;
+    storage.sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+    Ok((file, end))
+}

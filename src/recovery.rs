@@ -1,0 +1,436 @@
+//! Opening a queue directory: take the lock, list the segments, check sealed
+//! segments by their index headers only, verify the tail of the last segment
+//! batch by batch, cut an unsynced torn tail, and report what was cut.
+//! Invariant: every step is idempotent, so a crash during recovery is safe.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::batch::{self, BATCH_ALIGN, BATCH_HEADER_LEN, DecodeError};
+use crate::error::{Error, Result};
+use crate::fs::{DirLock, LOCK_FILE, Storage, StorageFile, read_exact_at};
+use crate::index::{self, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
+use crate::log::{self, Segment};
+use crate::segment::{self, HeaderCheck, INDEX_EXT, SEGMENT_EXT, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
+use crate::writer::ActiveState;
+
+/// Bytes read at a time while checking the space past the tail.
+const TAIL_CHUNK_BYTES: usize = 1 << 20;
+
+/// What opening a queue found and did. Also logged with `tracing` at info
+/// level (warn when something was cut).
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let queue = walq::Queue::open(dir.path())?;
+/// let report = queue.recovery_report();
+/// assert_eq!(report.bytes_cut, 0);
+/// assert_eq!(report.next_offset, 0);
+/// # Ok::<(), walq::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Segments in the log after recovery.
+    pub segments: usize,
+    /// The first offset held.
+    pub first_offset: u64,
+    /// The offset the next append gets.
+    pub next_offset: u64,
+    /// Bytes of an unsynced torn tail that were cut off (0 on a clean open).
+    pub bytes_cut: u64,
+    /// Records in the cut tail, as far as its headers could still be read.
+    pub records_cut: u64,
+    /// The file and position where the cut was made, if any.
+    pub cut_at: Option<(PathBuf, u64)>,
+    /// Bytes of the last segment that were verified batch by batch.
+    pub bytes_scanned: u64,
+    /// Indexes that were rebuilt because they were missing, short, stale or corrupt.
+    pub indexes_rebuilt: usize,
+    /// Segment files removed because a crash interrupted their creation.
+    pub unfinished_segments_removed: usize,
+    /// Leftover temporary files removed.
+    pub temp_files_removed: usize,
+    /// How long recovery took.
+    pub duration: Duration,
+}
+
+/// Everything the queue needs after a successful open.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub lock: Box<dyn DirLock>,
+    pub segments: Vec<Arc<Segment>>,
+    pub active: ActiveState,
+    pub report: RecoveryReport,
+}
+
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    create: bool,
+    preallocate: u64,
+) -> Result<Recovered> {
+    let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    match storage.list_dir(dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Err(Error::NotFound { dir: dir.into() });
+            }
+            storage.create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        }
+        Err(e) => return Err(Error::io("list", dir, e)),
+    }
+    let lock = storage
+        .lock_dir(dir)
+        .map_err(|e| Error::io("lock", dir.join(LOCK_FILE), e))?
+        .ok_or_else(|| Error::Locked { dir: dir.into() })?;
+
+    let mut bases = Vec::new();
+    for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        if let Some(base) = segment::parse_name(&name, SEGMENT_EXT) {
+            bases.push(base);
+        } else if name.ends_with(TEMP_SUFFIX) {
+            // A write-then-rename interrupted by a crash; the rename never happened.
+            let p = dir.join(&name);
+            storage.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            report.temp_files_removed += 1;
+        } else if name != LOCK_FILE && segment::parse_name(&name, INDEX_EXT).is_none() {
+            tracing::debug!(file = %name, "ignoring a file walq does not own");
+        }
+    }
+    bases.sort_unstable();
+
+    // The last segment: drop it while a crash left it unwritten (mid-roll).
+    let (active_file, active_len) = loop {
+        let Some(&base) = bases.last() else {
+            log::create_segment(storage, dir, 0, preallocate)?;
+            bases.push(0);
+            continue;
+        };
+        let path = dir.join(segment::segment_name(base));
+        let file = storage.open(&path, false).map_err(|e| Error::io("open", &path, e))?;
+        let len = file.len().map_err(|e| Error::io("stat", &path, e))?;
+        match segment::read_header(file.as_ref(), &path, len)? {
+            HeaderCheck::Valid(b) if b == base => break (file, len),
+            HeaderCheck::Valid(b) => {
+                return Err(Error::corrupt(
+                    &path,
+                    16,
+                    format!("header says base offset {b}, file name says {base}"),
+                ));
+            }
+            HeaderCheck::Unwritten => {
+                if bases.len() == 1 {
+                    drop(file);
+                    log::create_segment(storage, dir, base, preallocate)?;
+                    continue;
+                }
+                if !all_zero(file.as_ref(), &path, 0, len)? {
+                    return Err(Error::corrupt(&path, 0, "segment without a header holds data"));
+                }
+                drop(file);
+                remove_segment_files(storage, dir, base)?;
+                report.unfinished_segments_removed += 1;
+                bases.pop();
+            }
+        }
+    };
+
+    // Sealed segments: headers only, plus a rebuild of any index that is unusable.
+    let mut segments = Vec::with_capacity(bases.len());
+    for (i, &base) in bases.iter().enumerate().take(bases.len() - 1) {
+        let end = bases[i + 1];
+        let path = dir.join(segment::segment_name(base));
+        let file = storage.open_read(&path).map_err(|e| Error::io("open", &path, e))?;
+        let len = file.len().map_err(|e| Error::io("stat", &path, e))?;
+        match segment::read_header(file.as_ref(), &path, len)? {
+            HeaderCheck::Valid(b) if b == base => {}
+            _ => return Err(Error::corrupt(&path, 0, "sealed segment has no valid header")),
+        }
+        if !sealed_index_ok(storage, dir, base, end, len)? {
+            tracing::warn!(segment = %path.display(), "rebuilding the index of a sealed segment");
+            log::rebuild_index(storage, dir, base, &path, Some(end))?;
+            report.indexes_rebuilt += 1;
+        }
+        segments.push(Arc::new(Segment::new(dir, base, end, len, Vec::new())));
+    }
+
+    let base = *bases.last().unwrap_or(&0);
+    let (active, rebuilt) = recover_active(storage, dir, base, active_file, active_len, &mut report)?;
+    report.indexes_rebuilt += rebuilt as usize;
+    segments.push(Arc::clone(&active.segment));
+
+    report.segments = segments.len();
+    report.first_offset = segments[0].base;
+    report.next_offset = active.next_offset;
+    report.duration = started.elapsed();
+    if report.bytes_cut > 0 {
+        tracing::warn!(?report, "recovery cut an unsynced torn tail");
+    } else {
+        tracing::info!(?report, "queue opened");
+    }
+    Ok(Recovered { lock, segments, active, report })
+}
+
+/// Whether the sealed index of `base` is there, whole, and agrees with where
+/// the next segment starts. Reads the header only (the checksum over the
+/// entries is checked on first use).
+fn sealed_index_ok(storage: &dyn Storage, dir: &Path, base: u64, end: u64, seg_len: u64) -> Result<bool> {
+    let path = dir.join(segment::index_name(base));
+    let file = match storage.open_read(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("open", &path, e)),
+    };
+    let len = file.len().map_err(|e| Error::io("stat", &path, e))?;
+    let mut head = [0u8; INDEX_HEADER_LEN];
+    if len < INDEX_HEADER_LEN as u64 {
+        return Ok(false);
+    }
+    read_exact_at(file.as_ref(), &mut head, 0).map_err(|e| Error::io("read", &path, e))?;
+    Ok(match index::check_header(&head, base, &path)? {
+        Ok(Some(info)) => {
+            info.next_offset == end
+                && info.data_len as u64 <= seg_len
+                && len == (INDEX_HEADER_LEN + info.entries as usize * index::INDEX_ENTRY_LEN) as u64
+        }
+        _ => false,
+    })
+}
+
+/// Recovers the last segment: finds a verified starting point through its
+/// index, scans forward, classifies whatever follows the last good batch, and
+/// cuts it only if a crash can explain it. Returns the state and whether the
+/// index file was rewritten.
+fn recover_active(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    file: Arc<dyn StorageFile>,
+    file_len: u64,
+    report: &mut RecoveryReport,
+) -> Result<(ActiveState, bool)> {
+    let path = dir.join(segment::segment_name(base));
+    let index_path = dir.join(segment::index_name(base));
+    let header_end = SEGMENT_HEADER_LEN as u64;
+
+    // What the index file holds (it may be ahead of, behind, or unrelated to the data).
+    let mut on_disk: Vec<IndexEntry> = Vec::new();
+    let mut index_header_ok = false;
+    if let Ok(f) = storage.open_read(&index_path) {
+        let len = f.len().map_err(|e| Error::io("stat", &index_path, e))?;
+        // Bounded: an active index holds at most one entry per interval of a segment.
+        let max = INDEX_HEADER_LEN as u64 + (crate::config::SEGMENT_BYTES_MAX * 2 / INDEX_INTERVAL_BYTES) * 8;
+        let mut buf = vec![0u8; len.min(max) as usize];
+        read_exact_at(f.as_ref(), &mut buf, 0).map_err(|e| Error::io("read", &index_path, e))?;
+        if let Ok(sealed) = index::check_header(&buf, base, &index_path)? {
+            // A sealed header on the last segment means a crash mid-roll: rewrite it as active.
+            index_header_ok = sealed.is_none();
+            on_disk = index::decode_entries(&buf[INDEX_HEADER_LEN..]);
+        }
+    }
+
+    // The longest ordered prefix inside the file, then walk back to an entry whose batch verifies.
+    let mut valid = on_disk.len();
+    for (i, e) in on_disk.iter().enumerate() {
+        let ordered =
+            i == 0 || (on_disk[i - 1].relative < e.relative && on_disk[i - 1].position < e.position);
+        if !ordered || (e.position as u64) < header_end || e.position as u64 >= file_len {
+            valid = i;
+            break;
+        }
+    }
+    let mut entries: Vec<IndexEntry> = on_disk[..valid].to_vec();
+    let (mut start, mut expected) = (header_end, base);
+    while let Some(e) = entries.last().copied() {
+        let (pos, off) = (e.position as u64, base + e.relative as u64);
+        if batch_verifies_at(file.as_ref(), &path, pos, off, file_len)? {
+            (start, expected) = (pos, off);
+            break;
+        }
+        entries.pop();
+    }
+    let last_indexed = entries.last().map_or(header_end, |e| e.position as u64);
+
+    let scan = segment::scan(
+        file.as_ref(),
+        &path,
+        base,
+        start,
+        expected,
+        file_len,
+        INDEX_INTERVAL_BYTES,
+        last_indexed,
+    )?;
+    report.bytes_scanned = scan.end - start;
+    entries.extend_from_slice(&scan.entries);
+    let mut end = scan.end;
+    if let Some((p, err)) = &scan.stop {
+        if let DecodeError::UnsupportedVersion { found } = err {
+            return Err(Error::UnsupportedFormat {
+                path: path.clone(),
+                found: *found as u32,
+                supported: batch::FORMAT_VERSION as u32,
+            });
+        }
+        match classify_tail(file.as_ref(), &path, *p, file_len)? {
+            Tail::Clean => {}
+            Tail::SyncedDataFollows { at } => {
+                return Err(Error::corrupt(
+                    &path,
+                    *p,
+                    format!(
+                        "{err}, yet a batch at byte {at} that was written after this one had been synced follows it"
+                    ),
+                ));
+            }
+            Tail::Torn { garbage_end, records } => {
+                file.set_len(*p).map_err(|e| Error::io("truncate", &path, e))?;
+                file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+                report.bytes_cut = garbage_end - p;
+                report.records_cut = records;
+                report.cut_at = Some((path.clone(), *p));
+                tracing::warn!(file = %path.display(), position = p, bytes = garbage_end - p, reason = %err, "cut an unsynced torn tail");
+            }
+        }
+        end = *p;
+    }
+    let file_len = file.len().map_err(|e| Error::io("stat", &path, e))?;
+
+    // Rewrite the active index when it differs from what the data says.
+    let rebuilt = !index_header_ok || entries.as_slice() != on_disk.as_slice();
+    if rebuilt {
+        let bytes = index::encode_file(base, &entries, None);
+        log::write_file_atomic(storage, dir, &segment::index_name(base), &bytes)?;
+    }
+    let index_file = storage.open(&index_path, true).map_err(|e| Error::io("open", &index_path, e))?;
+    let segment = Arc::new(Segment::new(dir, base, log::OPEN_END, file_len, entries.clone()));
+    let active = ActiveState {
+        segment,
+        file,
+        index_file,
+        pos: end,
+        file_len,
+        next_offset: scan.next_offset,
+        last_indexed: entries.last().map_or(header_end, |e| e.position as u64),
+        index_entries: entries.len() as u64,
+    };
+    Ok((active, rebuilt && index_header_ok))
+}
+
+/// Whether a whole, valid batch with base offset `offset` starts at `pos`.
+fn batch_verifies_at(
+    file: &dyn StorageFile,
+    path: &Path,
+    pos: u64,
+    offset: u64,
+    file_len: u64,
+) -> Result<bool> {
+    if pos + BATCH_HEADER_LEN as u64 > file_len {
+        return Ok(false);
+    }
+    let mut head = [0u8; BATCH_HEADER_LEN];
+    read_exact_at(file, &mut head, pos).map_err(|e| Error::io("read", path, e))?;
+    let Ok(h) = batch::peek_header(&head) else { return Ok(false) };
+    if h.base_offset != offset || pos + h.length as u64 > file_len {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; h.length as usize];
+    read_exact_at(file, &mut buf, pos).map_err(|e| Error::io("read", path, e))?;
+    Ok(batch::validate_batch(&buf, Some(offset)).is_ok())
+}
+
+/// What lies past the last batch that verified.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    /// Only zeros (preallocated space) or nothing.
+    Clean,
+    /// Bytes that no acknowledged write can own: an unsynced write the crash tore.
+    Torn { garbage_end: u64, records: u64 },
+    /// A valid batch written after the failing position had been synced:
+    /// the failure is corruption, not a crash.
+    SyncedDataFollows { at: u64 },
+}
+
+/// Reads `[from, file_len)` in chunks: all zeros is a clean end; otherwise it
+/// looks for a valid batch whose `durable_position` says `from` was synced.
+fn classify_tail(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) -> Result<Tail> {
+    let mut garbage_end = None;
+    let mut records = 0u64;
+    let mut candidates = Vec::new();
+    let mut chunk = vec![0u8; TAIL_CHUNK_BYTES];
+    let mut at = from;
+    while at < file_len {
+        let n = ((file_len - at) as usize).min(chunk.len());
+        read_exact_at(file, &mut chunk[..n], at).map_err(|e| Error::io("read", path, e))?;
+        if let Some(last) = chunk[..n].iter().rposition(|&b| b != 0) {
+            garbage_end = Some(at + last as u64 + 1);
+        }
+        // Batch starts are 8-aligned; note every position whose magic matches.
+        let first = (at - from).div_ceil(BATCH_ALIGN as u64) * BATCH_ALIGN as u64 + from;
+        let mut q = first;
+        while q + 12 <= at + n as u64 {
+            let i = (q - at) as usize;
+            if chunk[i + 8..i + 12] == batch::BATCH_MAGIC.to_le_bytes() {
+                candidates.push(q);
+            }
+            q += BATCH_ALIGN as u64;
+        }
+        at += n as u64;
+    }
+    let Some(garbage_end) = garbage_end else { return Ok(Tail::Clean) };
+    for q in candidates {
+        let mut head = [0u8; BATCH_HEADER_LEN];
+        if q + BATCH_HEADER_LEN as u64 > file_len {
+            continue;
+        }
+        read_exact_at(file, &mut head, q).map_err(|e| Error::io("read", path, e))?;
+        let Ok(h) = batch::peek_header(&head) else { continue };
+        if q == from {
+            records += h.record_count as u64;
+        }
+        if q + h.length as u64 > file_len {
+            continue;
+        }
+        let mut buf = vec![0u8; h.length as usize];
+        read_exact_at(file, &mut buf, q).map_err(|e| Error::io("read", path, e))?;
+        if batch::verify_batch(&buf, None).is_ok() {
+            if h.durable_position > from {
+                return Ok(Tail::SyncedDataFollows { at: q });
+            }
+            if q != from {
+                records += h.record_count as u64;
+            }
+        }
+    }
+    Ok(Tail::Torn { garbage_end, records })
+}
+
+fn all_zero(file: &dyn StorageFile, path: &Path, from: u64, len: u64) -> Result<bool> {
+    let mut chunk = vec![0u8; TAIL_CHUNK_BYTES.min(len.saturating_sub(from) as usize)];
+    let mut at = from;
+    while at < len {
+        let n = ((len - at) as usize).min(chunk.len());
+        read_exact_at(file, &mut chunk[..n], at).map_err(|e| Error::io("read", path, e))?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+fn remove_segment_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<()> {
+    for name in [segment::segment_name(base), segment::index_name(base)] {
+        let p = dir.join(name);
+        match storage.remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &p, e)),
+        }
+    }
+    storage.sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))
+}
