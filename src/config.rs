@@ -25,8 +25,10 @@ const _: () = assert!(RECORD_BYTES_MAX <= crate::batch::RECORD_BYTES_MAX);
 /// (overwriting allocated space syncs faster than growing the file).
 pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
 /// Default bytes of records buffered in memory by `Os` and `Interval` appends
-/// before they are written in one batch.
-pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 256 << 10;
+/// before they are written in one batch. Also the batch size of large
+/// `append_batch` calls; a random lookup verifies (and skips within) one batch,
+/// so this bounds its cost too.
+pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 64 << 10;
 /// How long `Os` appends may sit in the write buffer before the background
 /// writer hands them to the OS.
 pub const OS_WRITE_DELAY: Duration = Duration::from_millis(1);
@@ -44,7 +46,7 @@ pub const OS_WRITE_DELAY: Duration = Duration::from_millis(1);
 /// let queue = Queue::builder(dir.path()).durability(Durability::Interval(Duration::from_millis(50))).open()?;
 /// queue.append(b"metrics sample")?;            // may be lost by a crash within ~50 ms
 /// queue.append_with(b"payment", Durability::Sync)?; // on stable storage when this returns
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -78,7 +80,7 @@ pub enum Durability {
 ///     .max_record_bytes(64 << 10)
 ///     .open()?;
 /// assert_eq!(queue.next_offset(), 0);
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct QueueBuilder {

@@ -36,9 +36,12 @@ pub enum Error {
         /// The queue directory.
         dir: PathBuf,
     },
-    /// The file system is full. Nothing was acknowledged by the failed call;
-    /// free space (or let retention run) and retry. Reads keep working.
-    #[error("disk full while writing {path}: free space or remove old segments, then retry")]
+    /// The file system is full. Nothing was acknowledged by the failed call,
+    /// and the queue is poisoned like after any failed write: free space (or
+    /// remove old segments), then reopen. Reads keep working meanwhile.
+    #[error(
+        "disk full while writing {path}: free space or remove old segments, then reopen the queue (a failed write poisons it)"
+    )]
     DiskFull {
         /// The file being written.
         path: PathBuf,
@@ -50,7 +53,7 @@ pub enum Error {
     Poisoned,
     /// A record (or a batch) is larger than the configured limit.
     #[error(
-        "record of {len} bytes exceeds the limit of {max} bytes; split it or raise Options::max_record_bytes"
+        "record of {len} bytes exceeds the limit of {max} bytes; split it or raise QueueBuilder::max_record_bytes"
     )]
     RecordTooLarge {
         /// The encoded size of the record or batch.
@@ -84,10 +87,9 @@ pub enum Error {
     },
     /// Bytes on disk fail their checksum or structure, in a place where a
     /// crash cannot explain it (valid data follows, or the segment is sealed).
-    /// walq refuses to cut acknowledged data; restore the file from a backup or
-    /// inspect it with `walq verify`.
+    /// walq refuses to cut acknowledged data; restore the file from a backup.
     #[error(
-        "corrupt data in {path} at byte {position}: {reason}; run `walq verify` on the directory and restore the file from a backup"
+        "corrupt data in {path} at byte {position}: {reason}; walq will not cut data that may have been acknowledged; restore the file from a backup"
     )]
     Corrupt {
         /// The damaged file.

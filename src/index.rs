@@ -25,7 +25,7 @@ pub(crate) const INDEX_ENTRY_LEN: usize = 8;
 const INDEX_MAGIC: [u8; 4] = *b"WLQI";
 const INDEX_VERSION: u32 = 1;
 const FLAG_SEALED: u32 = 1;
-const _: () = assert!(INDEX_HEADER_LEN % INDEX_ENTRY_LEN == 0);
+const _: () = assert!(INDEX_HEADER_LEN.is_multiple_of(INDEX_ENTRY_LEN));
 
 /// One index entry per this many bytes of segment data (Kafka's default too):
 /// a lookup reads at most this much past the entry it finds.
@@ -103,39 +103,33 @@ pub(crate) enum IndexProblem {
     NotSealed,
     Checksum,
     BadLength,
+    /// A version this walq does not know: a newer walq's file, or a flipped
+    /// bit. Only a sealed index whose checksum still matches is the former.
+    NewerVersion(u32),
 }
 
-/// Checks an index header: magic, version, base. A newer version is an error
-/// (the file is left alone); everything else is a problem to rebuild from.
-pub(crate) fn check_header(
-    buf: &[u8],
-    base: u64,
-    path: &Path,
-) -> Result<std::result::Result<Option<SealedInfo>, IndexProblem>> {
+/// Checks an index header: magic, version, base, sealed or not.
+pub(crate) fn check_header(buf: &[u8], base: u64) -> std::result::Result<Option<SealedInfo>, IndexProblem> {
     if buf.len() < INDEX_HEADER_LEN {
-        return Ok(Err(IndexProblem::Short));
+        return Err(IndexProblem::Short);
     }
     if buf[0..4] != INDEX_MAGIC {
-        return Ok(Err(IndexProblem::BadMagic));
+        return Err(IndexProblem::BadMagic);
     }
     let version = u32_at(buf, 4);
     if version > INDEX_VERSION {
-        return Err(Error::UnsupportedFormat { path: path.into(), found: version, supported: INDEX_VERSION });
+        return Err(IndexProblem::NewerVersion(version));
     }
     if version != INDEX_VERSION {
-        return Ok(Err(IndexProblem::BadMagic));
+        return Err(IndexProblem::BadMagic);
     }
     if u64_at(buf, 8) != base {
-        return Ok(Err(IndexProblem::WrongBase));
+        return Err(IndexProblem::WrongBase);
     }
     if u32_at(buf, 32) & FLAG_SEALED == 0 {
-        return Ok(Ok(None));
+        return Ok(None);
     }
-    Ok(Ok(Some(SealedInfo {
-        next_offset: u64_at(buf, 16),
-        data_len: u32_at(buf, 24),
-        entries: u32_at(buf, 28),
-    })))
+    Ok(Some(SealedInfo { next_offset: u64_at(buf, 16), data_len: u32_at(buf, 24), entries: u32_at(buf, 28) }))
 }
 
 /// Verifies a whole sealed index file (header, length, checksum, order).
@@ -144,9 +138,19 @@ pub(crate) fn check_sealed(
     base: u64,
     path: &Path,
 ) -> Result<std::result::Result<SealedInfo, IndexProblem>> {
-    let info = match check_header(buf, base, path)? {
+    let info = match check_header(buf, base) {
         Ok(Some(info)) => info,
         Ok(None) => return Ok(Err(IndexProblem::NotSealed)),
+        Err(IndexProblem::NewerVersion(found)) => {
+            // Only an intact file from a newer walq is left alone with an error.
+            let intact = buf.len() >= INDEX_HEADER_LEN
+                && crc32c::crc32c_append(crc32c::crc32c(&buf[0..36]), &buf[INDEX_HEADER_LEN..])
+                    == u32_at(buf, 36);
+            if intact {
+                return Err(Error::UnsupportedFormat { path: path.into(), found, supported: INDEX_VERSION });
+            }
+            return Ok(Err(IndexProblem::Checksum));
+        }
         Err(p) => return Ok(Err(p)),
     };
     if (buf.len() - INDEX_HEADER_LEN) != info.entries as usize * INDEX_ENTRY_LEN {
@@ -222,13 +226,16 @@ mod tests {
     }
 
     #[test]
-    fn newer_version_is_an_error() {
-        let mut file = encode_file(0, &[], None);
+    fn newer_version_is_an_error_only_when_intact() {
+        let p = Path::new("x");
+        let mut file = encode_file(0, &entries(), Some((100, 50_000)));
         file[4] = 9;
-        assert!(matches!(
-            check_header(&file, 0, Path::new("x")),
-            Err(Error::UnsupportedFormat { found: 9, .. })
-        ));
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&file[0..36]), &file[INDEX_HEADER_LEN..]);
+        file[36..40].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(check_sealed(&file, 0, p), Err(Error::UnsupportedFormat { found: 9, .. })));
+        file[36] ^= 1; // the same version byte with a bad checksum is damage: rebuild
+        assert_eq!(check_sealed(&file, 0, p).unwrap(), Err(IndexProblem::Checksum));
+        assert_eq!(check_header(&encode_file(0, &[], None), 0), Ok(None));
     }
 
     #[test]

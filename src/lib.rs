@@ -30,7 +30,7 @@
 //! // Reopen: everything acknowledged is still there.
 //! let queue = Queue::open(dir.path())?;
 //! assert_eq!(queue.next_offset(), 2);
-//! # Ok::<(), walq::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! See `ARCHITECTURE.md` for the design and `docs/format.md` for the bytes on disk.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
 use crate::fs::{Storage, StorageFile, write_all_at};
-use crate::index::{self, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
+use crate::index::{self, INDEX_HEADER_LEN, IndexEntry};
 use crate::mmap::Map;
 use crate::segment::{self, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
 
@@ -26,8 +26,10 @@ pub(crate) struct Segment {
     pub index_path: PathBuf,
     /// Offset after the last record once sealed; [`OPEN_END`] while active.
     end: AtomicU64,
-    /// Bytes of the file that exist and may be mapped (grows while active).
-    mappable: AtomicU64,
+    /// Bytes of the file that hold written data: the only bytes ever mapped,
+    /// so a map never covers bytes the writer may still change (grows while
+    /// active; preallocated zeros past it stay unmapped).
+    data_len: AtomicU64,
     map: Mutex<Option<Arc<Map>>>,
     /// Index entries of the active segment (readers seek with them).
     active_index: RwLock<Vec<IndexEntry>>,
@@ -48,7 +50,7 @@ impl Segment {
         dir: &Path,
         base: u64,
         end: u64,
-        mappable: u64,
+        data_len: u64,
         active_index: Vec<IndexEntry>,
     ) -> Segment {
         Segment {
@@ -56,7 +58,7 @@ impl Segment {
             path: dir.join(segment::segment_name(base)),
             index_path: dir.join(segment::index_name(base)),
             end: AtomicU64::new(end),
-            mappable: AtomicU64::new(mappable),
+            data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
             active_index: RwLock::new(active_index),
             sealed_index: OnceLock::new(),
@@ -74,8 +76,9 @@ impl Segment {
         self.end.store(end, Ordering::Release);
     }
 
-    pub(crate) fn set_mappable(&self, len: u64) {
-        self.mappable.fetch_max(len, Ordering::Release);
+    /// Records that bytes below `len` are written (before they are published).
+    pub(crate) fn set_data_len(&self, len: u64) {
+        self.data_len.fetch_max(len, Ordering::Release);
     }
 
     /// The active segment's index entries (empty once sealed).
@@ -150,7 +153,7 @@ impl Log {
         {
             return Ok(Arc::clone(m));
         }
-        let len = seg.mappable.load(Ordering::Acquire);
+        let len = seg.data_len.load(Ordering::Acquire);
         if len < min_len {
             return Err(Error::corrupt(&seg.path, len, format!("segment ends before byte {min_len}")));
         }
@@ -219,12 +222,14 @@ impl Log {
             // Drop it from the list first: new readers stop finding it, old ones keep their map.
             self.segments.write().unwrap_or_else(|e| e.into_inner()).remove(0);
             let storage = self.storage.as_ref();
-            storage.remove_file(&victim.path).map_err(|e| Error::io("remove", &victim.path, e))?;
+            // The index first: a segment without an index is rebuilt, an index
+            // without a segment is just removed on the next open.
             if let Err(e) = storage.remove_file(&victim.index_path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 return Err(Error::io("remove", &victim.index_path, e));
             }
+            storage.remove_file(&victim.path).map_err(|e| Error::io("remove", &victim.path, e))?;
             storage.sync_dir(&self.dir).map_err(|e| Error::io("fsync", &self.dir, e))?;
             removed += 1;
         }
@@ -251,7 +256,6 @@ pub(crate) fn rebuild_index(
         SEGMENT_HEADER_LEN as u64,
         base,
         len,
-        INDEX_INTERVAL_BYTES,
         SEGMENT_HEADER_LEN as u64,
     )?;
     if let Some(end) = expected_end

@@ -34,7 +34,7 @@ use crate::writer::{Writer, WriterConfig};
 /// while let Some(record) = reader.next()? {
 ///     println!("{} {:?}", record.offset(), record.value());
 /// }
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct Queue {
@@ -145,7 +145,7 @@ impl Queue {
     /// let queue = walq::Queue::open(dir.path())?;
     /// assert_eq!(queue.append(b"a")?, 0);
     /// assert_eq!(queue.append(b"b")?, 1);
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append(&self, value: &[u8]) -> Result<u64> {
         self.append_with(value, self.durability)
@@ -159,7 +159,7 @@ impl Queue {
     /// let queue = Queue::builder(dir.path()).durability(Durability::Os).open()?;
     /// queue.append(b"cheap")?;
     /// queue.append_with(b"important", Durability::Sync)?; // also syncs "cheap"
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append_with(&self, value: &[u8], durability: Durability) -> Result<u64> {
         Ok(self.append_batch_with(&[Record::new(value)], durability)?.start)
@@ -174,7 +174,7 @@ impl Queue {
     /// let mut reader = queue.read_from(offset)?;
     /// let record = reader.next()?.unwrap();
     /// assert_eq!((record.key(), record.timestamp_ms()), (Some(&b"k"[..]), 1_700_000_000_000));
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append_record(&self, record: &Record<'_>) -> Result<u64> {
         Ok(self.append_batch_with(std::slice::from_ref(record), self.durability)?.start)
@@ -189,7 +189,7 @@ impl Queue {
     /// let queue = walq::Queue::open(dir.path())?;
     /// let offsets = queue.append_batch(&[Record::new(b"a"), Record::new(b"b")])?;
     /// assert_eq!(offsets, 0..2);
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append_batch(&self, records: &[Record<'_>]) -> Result<Range<u64>> {
         self.append_batch_with(records, self.durability)
@@ -204,7 +204,7 @@ impl Queue {
     /// let offsets = queue.append_batch_with(&[Record::new(b"a")], Durability::Os)?;
     /// queue.flush()?;
     /// assert_eq!(offsets, 0..1);
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append_batch_with(&self, records: &[Record<'_>], durability: Durability) -> Result<Range<u64>> {
         let (range, wake) = {
@@ -225,7 +225,7 @@ impl Queue {
     /// let queue = walq::Queue::builder(dir.path()).durability(walq::Durability::Os).open()?;
     /// queue.append(b"x")?;
     /// queue.flush()?; // now it survives a power cut
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn flush(&self) -> Result<()> {
         self.core.writer().flush()
@@ -243,7 +243,7 @@ impl Queue {
     /// let mut reader = queue.read_from(1)?;
     /// assert_eq!(reader.next()?.unwrap().value(), b"b");
     /// assert!(matches!(queue.read_from(9), Err(walq::Error::OffsetOutOfRange { .. })));
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn read_from(&self, offset: u64) -> Result<Reader> {
         let (first, next) = (self.first_offset(), self.next_offset());
@@ -280,7 +280,7 @@ impl Queue {
     /// }
     /// let removed = queue.remove_before(50)?;
     /// assert!(removed > 0 && queue.first_offset() <= 50);
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn remove_before(&self, offset: u64) -> Result<usize> {
         self.log.remove_before(offset)
@@ -308,12 +308,13 @@ impl Queue {
 
     /// Syncs everything pending, stops the background writer and releases
     /// the directory lock. Dropping the queue does the same but cannot report
-    /// an error.
+    /// an error. On a poisoned queue this is [`Error::Poisoned`]: what was
+    /// appended without `Sync` since the failure may not be on disk.
     pub fn close(self) -> Result<()> {
         self.stop_background();
         let result = {
             let mut w = self.core.writer();
-            if w.is_poisoned() { Ok(()) } else { w.flush() }
+            w.flush()
         };
         drop(self);
         result
@@ -336,7 +337,12 @@ impl Queue {
     }
 
     fn stop_background(&self) {
-        self.core.shutdown.store(true, Ordering::Release);
+        {
+            // Under the writer lock, so the background thread is either before its
+            // shutdown check or already waiting: the notify below cannot be lost.
+            let _w = self.core.writer();
+            self.core.shutdown.store(true, Ordering::Release);
+        }
         self.core.wake.notify_all();
         let handle = self.background.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {

@@ -30,7 +30,7 @@ use crate::record::RecordRef;
 /// assert!(reader.next()?.is_none());
 /// queue.append(b"two")?;
 /// assert_eq!(reader.next()?.map(|r| r.offset()), Some(1));
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct Reader {
@@ -76,7 +76,7 @@ impl Reader {
     /// let mut reader = queue.read_from(0)?;
     /// reader.seek(1);
     /// assert_eq!(reader.next()?.unwrap().value(), b"b");
-    /// # Ok::<(), walq::Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn seek(&mut self, offset: u64) {
         self.next_offset = offset;

@@ -18,7 +18,7 @@ use crate::batch;
 /// let mut reader = queue.read_from(offset)?;
 /// let got = reader.next()?.expect("the record is durable, so visible");
 /// assert_eq!(got.header(b"correlation_id"), Some(&b"42"[..]));
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record<'a> {

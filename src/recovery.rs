@@ -15,6 +15,11 @@ use crate::log::{self, Segment};
 use crate::segment::{self, HeaderCheck, INDEX_EXT, SEGMENT_EXT, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
 use crate::writer::ActiveState;
 
+/// Largest index file read into memory: one entry per interval of the largest
+/// segment (plus one oversized batch), so any longer file is damaged anyway.
+const INDEX_FILE_BYTES_MAX: u64 =
+    INDEX_HEADER_LEN as u64 + (crate::config::SEGMENT_BYTES_MAX * 2 / INDEX_INTERVAL_BYTES) * 8;
+
 /// Bytes read at a time while checking the space past the tail.
 const TAIL_CHUNK_BYTES: usize = 1 << 20;
 
@@ -27,7 +32,7 @@ const TAIL_CHUNK_BYTES: usize = 1 << 20;
 /// let report = queue.recovery_report();
 /// assert_eq!(report.bytes_cut, 0);
 /// assert_eq!(report.next_offset, 0);
-/// # Ok::<(), walq::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -50,7 +55,8 @@ pub struct RecoveryReport {
     pub indexes_rebuilt: usize,
     /// Segment files removed because a crash interrupted their creation.
     pub unfinished_segments_removed: usize,
-    /// Leftover temporary files removed.
+    /// Leftover files removed: temporary files of an interrupted atomic write,
+    /// and indexes whose segment was already deleted.
     pub temp_files_removed: usize,
     /// How long recovery took.
     pub duration: Duration,
@@ -92,8 +98,9 @@ pub(crate) fn recover(
     for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         if let Some(base) = segment::parse_name(&name, SEGMENT_EXT) {
             bases.push(base);
-        } else if name.ends_with(TEMP_SUFFIX) {
-            // A write-then-rename interrupted by a crash; the rename never happened.
+        } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some())
+        {
+            // A write-then-rename of ours interrupted by a crash; the rename never happened.
             let p = dir.join(&name);
             storage.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
             report.temp_files_removed += 1;
@@ -102,6 +109,17 @@ pub(crate) fn recover(
         }
     }
     bases.sort_unstable();
+    // An index whose segment is gone (retention deletes the index first, but
+    // a crash can still separate them) is removed; nothing else reads it.
+    for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        if let Some(base) = segment::parse_name(&name, INDEX_EXT)
+            && bases.binary_search(&base).is_err()
+        {
+            let p = dir.join(&name);
+            storage.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            report.temp_files_removed += 1;
+        }
+    }
 
     // The last segment: drop it while a crash left it unwritten (mid-roll).
     let (active_file, active_len) = loop {
@@ -113,7 +131,19 @@ pub(crate) fn recover(
         let path = dir.join(segment::segment_name(base));
         let file = storage.open(&path, false).map_err(|e| Error::io("open", &path, e))?;
         let len = file.len().map_err(|e| Error::io("stat", &path, e))?;
-        match segment::read_header(file.as_ref(), &path, len)? {
+        let header = match segment::read_header(file.as_ref(), &path, len) {
+            // A damaged header on the last segment is a creation the crash tore,
+            // unless a batch stands behind it: a header is synced before any
+            // record in its segment is written, so then it is corruption.
+            Err(e @ Error::Corrupt { .. }) => {
+                if batch_verifies_at(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, base, len)? {
+                    return Err(e);
+                }
+                HeaderCheck::Unwritten
+            }
+            other => other?,
+        };
+        match header {
             HeaderCheck::Valid(b) if b == base => break (file, len),
             HeaderCheck::Valid(b) => {
                 return Err(Error::corrupt(
@@ -123,15 +153,14 @@ pub(crate) fn recover(
                 ));
             }
             HeaderCheck::Unwritten => {
-                if bases.len() == 1 {
-                    drop(file);
-                    log::create_segment(storage, dir, base, preallocate)?;
-                    continue;
-                }
-                if !all_zero(file.as_ref(), &path, 0, len)? {
+                if batch_verifies_at(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, base, len)? {
                     return Err(Error::corrupt(&path, 0, "segment without a header holds data"));
                 }
                 drop(file);
+                if bases.len() == 1 {
+                    log::create_segment(storage, dir, base, preallocate)?;
+                    continue;
+                }
                 remove_segment_files(storage, dir, base)?;
                 report.unfinished_segments_removed += 1;
                 bases.pop();
@@ -191,7 +220,13 @@ fn sealed_index_ok(storage: &dyn Storage, dir: &Path, base: u64, end: u64, seg_l
         return Ok(false);
     }
     read_exact_at(file.as_ref(), &mut head, 0).map_err(|e| Error::io("read", &path, e))?;
-    Ok(match index::check_header(&head, base, &path)? {
+    Ok(match index::check_header(&head, base) {
+        Err(index::IndexProblem::NewerVersion(_)) => {
+            // Rare: read it whole to tell a newer walq's index (an error) from damage (a rebuild).
+            let mut all = vec![0u8; len.min(INDEX_FILE_BYTES_MAX) as usize];
+            read_exact_at(file.as_ref(), &mut all, 0).map_err(|e| Error::io("read", &path, e))?;
+            index::check_sealed(&all, base, &path)?.is_ok()
+        }
         Ok(Some(info)) => {
             info.next_offset == end
                 && info.data_len as u64 <= seg_len
@@ -223,13 +258,19 @@ fn recover_active(
     if let Ok(f) = storage.open_read(&index_path) {
         let len = f.len().map_err(|e| Error::io("stat", &index_path, e))?;
         // Bounded: an active index holds at most one entry per interval of a segment.
-        let max = INDEX_HEADER_LEN as u64 + (crate::config::SEGMENT_BYTES_MAX * 2 / INDEX_INTERVAL_BYTES) * 8;
-        let mut buf = vec![0u8; len.min(max) as usize];
+        let mut buf = vec![0u8; len.min(INDEX_FILE_BYTES_MAX) as usize];
         read_exact_at(f.as_ref(), &mut buf, 0).map_err(|e| Error::io("read", &index_path, e))?;
-        if let Ok(sealed) = index::check_header(&buf, base, &index_path)? {
-            // A sealed header on the last segment means a crash mid-roll: rewrite it as active.
-            index_header_ok = sealed.is_none();
-            on_disk = index::decode_entries(&buf[INDEX_HEADER_LEN..]);
+        match index::check_header(&buf, base) {
+            Ok(sealed) => {
+                // A sealed header on the last segment means a crash mid-roll: rewrite it as active.
+                index_header_ok = sealed.is_none();
+                on_disk = index::decode_entries(&buf[INDEX_HEADER_LEN..]);
+            }
+            // The active index has no checksum to tell a newer walq from damage;
+            // it is a cache of a v1 segment, so it is rebuilt.
+            Err(problem) => {
+                tracing::warn!(index = %index_path.display(), ?problem, "rebuilding the active index")
+            }
         }
     }
 
@@ -255,16 +296,7 @@ fn recover_active(
     }
     let last_indexed = entries.last().map_or(header_end, |e| e.position as u64);
 
-    let scan = segment::scan(
-        file.as_ref(),
-        &path,
-        base,
-        start,
-        expected,
-        file_len,
-        INDEX_INTERVAL_BYTES,
-        last_indexed,
-    )?;
+    let scan = segment::scan(file.as_ref(), &path, base, start, expected, file_len, last_indexed)?;
     report.bytes_scanned = scan.end - start;
     entries.extend_from_slice(&scan.entries);
     let mut end = scan.end;
@@ -298,6 +330,10 @@ fn recover_active(
         }
         end = *p;
     }
+    // What survived a kill -9 may still be only in the page cache. Everything
+    // kept from here on counts as durable (readers see it, and later batches'
+    // durable_position vouches for it), so make it so.
+    file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
     let file_len = file.len().map_err(|e| Error::io("stat", &path, e))?;
 
     // Rewrite the active index when it differs from what the data says.
@@ -307,7 +343,7 @@ fn recover_active(
         log::write_file_atomic(storage, dir, &segment::index_name(base), &bytes)?;
     }
     let index_file = storage.open(&index_path, true).map_err(|e| Error::io("open", &index_path, e))?;
-    let segment = Arc::new(Segment::new(dir, base, log::OPEN_END, file_len, entries.clone()));
+    let segment = Arc::new(Segment::new(dir, base, log::OPEN_END, end, entries.clone()));
     let active = ActiveState {
         segment,
         file,
@@ -318,7 +354,7 @@ fn recover_active(
         last_indexed: entries.last().map_or(header_end, |e| e.position as u64),
         index_entries: entries.len() as u64,
     };
-    Ok((active, rebuilt && index_header_ok))
+    Ok((active, rebuilt))
 }
 
 /// Whether a whole, valid batch with base offset `offset` starts at `pos`.
@@ -407,20 +443,6 @@ fn classify_tail(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) 
         }
     }
     Ok(Tail::Torn { garbage_end, records })
-}
-
-fn all_zero(file: &dyn StorageFile, path: &Path, from: u64, len: u64) -> Result<bool> {
-    let mut chunk = vec![0u8; TAIL_CHUNK_BYTES.min(len.saturating_sub(from) as usize)];
-    let mut at = from;
-    while at < len {
-        let n = ((len - at) as usize).min(chunk.len());
-        read_exact_at(file, &mut chunk[..n], at).map_err(|e| Error::io("read", path, e))?;
-        if chunk[..n].iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += n as u64;
-    }
-    Ok(true)
 }
 
 fn remove_segment_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<()> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::batch::{self, BatchHeader, DecodeError};
 use crate::error::{Error, Result};
 use crate::fs::{StorageFile, read_exact_at};
-use crate::index::IndexEntry;
+use crate::index::{INDEX_INTERVAL_BYTES, IndexEntry};
 
 // Segment header, little-endian, 32 bytes:
 //   0  [u8; 8]  magic  b"WALQSEG\0"
@@ -19,7 +19,7 @@ use crate::index::IndexEntry;
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 const SEGMENT_MAGIC: [u8; 8] = *b"WALQSEG\0";
 pub(crate) const SEGMENT_VERSION: u32 = 1;
-const _: () = assert!(SEGMENT_HEADER_LEN % batch::BATCH_ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_LEN.is_multiple_of(batch::BATCH_ALIGN));
 
 /// Batches are read in chunks of this size during a scan.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
@@ -90,6 +90,9 @@ pub(crate) fn decode_header(buf: &[u8], path: &Path) -> Result<HeaderCheck> {
             supported: SEGMENT_VERSION,
         });
     }
+    if h[12..16] != [0; 4] || h[24..28] != [0; 4] {
+        return Err(Error::corrupt(path, 12, "segment header flags or reserved bytes are not zero"));
+    }
     let mut base = [0u8; 8];
     base.copy_from_slice(&h[16..24]);
     Ok(HeaderCheck::Valid(u64::from_le_bytes(base)))
@@ -129,7 +132,7 @@ pub(crate) struct Scan {
 
 /// Scans batches in `[start, file_len)` with pread, expecting contiguous offsets
 /// from `expected`, fully validating each batch (records included). Collects an
-/// index entry every `index_interval` bytes when `index_interval > 0`, counting
+/// index entry every [`INDEX_INTERVAL_BYTES`], counting
 /// from `last_indexed` (the position of the last entry already known, or the
 /// segment header's end: the segment's start needs no entry).
 pub(crate) fn scan(
@@ -139,7 +142,6 @@ pub(crate) fn scan(
     start: u64,
     expected: u64,
     file_len: u64,
-    index_interval: u64,
     mut last_indexed: u64,
 ) -> Result<Scan> {
     let mut scan = Scan {
@@ -161,7 +163,7 @@ pub(crate) fn scan(
         let result = batch::validate_batch(&buf[rel.min(buf.len())..], Some(scan.next_offset));
         match result {
             Ok(h) => {
-                if index_interval > 0 && pos >= last_indexed + index_interval {
+                if pos >= last_indexed + INDEX_INTERVAL_BYTES {
                     let relative = h.base_offset - base;
                     if let (Ok(relative), Ok(position)) = (u32::try_from(relative), u32::try_from(pos)) {
                         scan.entries.push(IndexEntry { relative, position });

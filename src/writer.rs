@@ -213,6 +213,10 @@ impl Writer {
 
     fn poison<T>(&mut self, e: Error) -> Result<T> {
         self.poisoned = true;
+        // Nothing pending was acknowledged by this failure; drop it.
+        self.pending.reset(self.written);
+        self.write_due = None;
+        self.sync_due = None;
         tracing::error!(error = %e, "write or sync failed; the queue is poisoned until reopened");
         Err(e)
     }
@@ -227,10 +231,11 @@ impl Writer {
         let len = self.pending.encoded_len() as u64;
         let relative_end = self.pending.next_offset() - self.active.base;
         let has_data = self.pos > SEGMENT_HEADER_LEN as u64;
-        if has_data && (self.pos + len > self.cfg.segment_bytes || relative_end > u32::MAX as u64) {
-            if let Err(e) = self.roll() {
-                return self.poison(e);
-            }
+        if has_data
+            && (self.pos + len > self.cfg.segment_bytes || relative_end > u32::MAX as u64)
+            && let Err(e) = self.roll()
+        {
+            return self.poison(e);
         }
         let end = self.pos + len;
         if end > self.file_len
@@ -246,7 +251,7 @@ impl Writer {
         let batch_pos = self.pos;
         self.pos = end;
         self.file_len = self.file_len.max(end);
-        self.active.set_mappable(self.file_len);
+        self.active.set_data_len(end);
         self.written = self.pending.next_offset();
         self.counters.batches += 1;
         let base = self.pending.base_offset();
@@ -352,7 +357,7 @@ impl Writer {
         self.last_indexed = self.pos;
         self.file_len = file_len;
         self.synced_pos = self.pos;
-        self.active.set_mappable(self.file_len);
+        self.active.set_data_len(self.pos);
         // Readers learn the old segment's end before any offset of the new one is visible.
         old.seal(base);
         self.log.push_segment(Arc::clone(&self.active));
