@@ -43,7 +43,8 @@ pub struct RecoveryReport {
     pub first_offset: u64,
     /// The offset the next append gets.
     pub next_offset: u64,
-    /// Bytes of an unsynced torn tail that were cut off (0 on a clean open).
+    /// Bytes of an unsynced torn tail that were cut off, counted up to the last
+    /// non-zero byte (trailing zeros are free space, not data); 0 on a clean open.
     pub bytes_cut: u64,
     /// Records in the cut tail, as far as its headers could still be read.
     pub records_cut: u64,
@@ -95,31 +96,26 @@ pub(crate) fn recover(
         .ok_or_else(|| Error::Locked { dir: dir.into() })?;
 
     let mut bases = Vec::new();
+    let mut temps = Vec::new();
+    let mut indexes = Vec::new();
     for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         if let Some(base) = segment::parse_name(&name, SEGMENT_EXT) {
             bases.push(base);
+        } else if let Some(base) = segment::parse_name(&name, INDEX_EXT) {
+            indexes.push(base);
         } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some())
         {
             // A write-then-rename of ours interrupted by a crash; the rename never happened.
-            let p = dir.join(&name);
-            storage.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
-            report.temp_files_removed += 1;
-        } else if name != LOCK_FILE && segment::parse_name(&name, INDEX_EXT).is_none() {
+            temps.push(dir.join(&name));
+        } else if name != LOCK_FILE {
             tracing::debug!(file = %name, "ignoring a file walq does not own");
         }
     }
     bases.sort_unstable();
-    // An index whose segment is gone (retention deletes the index first, but
-    // a crash can still separate them) is removed; nothing else reads it.
-    for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
-        if let Some(base) = segment::parse_name(&name, INDEX_EXT)
-            && bases.binary_search(&base).is_err()
-        {
-            let p = dir.join(&name);
-            storage.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
-            report.temp_files_removed += 1;
-        }
-    }
+    // An index below the first segment lost its segment to retention (which
+    // deletes the index first, but a crash can still separate them).
+    let first = bases.first().copied().unwrap_or(0);
+    temps.extend(indexes.iter().filter(|&&b| b < first).map(|&b| dir.join(segment::index_name(b))));
 
     // The last segment: drop it while a crash left it unwritten (mid-roll).
     let (active_file, active_len) = loop {
@@ -189,6 +185,15 @@ pub(crate) fn recover(
 
     let base = *bases.last().unwrap_or(&0);
     let (active, rebuilt) = recover_active(storage, dir, base, active_file, active_len, &mut report)?;
+    // Leftovers go last, so that an error above leaves them as they were.
+    for p in temps {
+        match storage.remove_file(&p) {
+            Ok(()) => report.temp_files_removed += 1,
+            // Recovery's own rewrite of the active index used (and renamed) the same temp name.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &p, e)),
+        }
+    }
     report.indexes_rebuilt += rebuilt as usize;
     segments.push(Arc::clone(&active.segment));
 

@@ -109,3 +109,48 @@ pub fn sim_image(disk: &SimDisk) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 pub fn sim_dir() -> &'static Path {
     Path::new("/walq-sim/q")
 }
+
+/// Start positions of the batches of a segment file's bytes, following the
+/// length fields from the 32-byte segment header (see docs/format.md).
+pub fn batch_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pos = 32;
+    while pos + 48 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        if len < 48 || &bytes[pos + 8..pos + 12] != b"WLQB" || pos + len > bytes.len() {
+            break;
+        }
+        starts.push(pos);
+        pos += len;
+    }
+    starts
+}
+
+/// End of the last batch (the data end) of a segment file's bytes.
+pub fn data_end(bytes: &[u8]) -> usize {
+    match batch_starts(bytes).last() {
+        Some(&p) => p + u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) as usize,
+        None => 32,
+    }
+}
+
+/// The segment files of a real queue directory, in offset order.
+pub fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every record of a queue as (offset, value).
+pub fn read_all(queue: &Queue) -> Vec<(u64, Vec<u8>)> {
+    let mut reader = queue.read_from(queue.first_offset()).unwrap();
+    let mut out = Vec::new();
+    while let Some(r) = reader.next().unwrap() {
+        out.push((r.offset(), r.value().to_vec()));
+    }
+    out
+}
