@@ -52,7 +52,7 @@ fn append_throughput(c: &mut Criterion) {
             let queue = Queue::builder(dir.path()).durability(durability).open().expect("open");
             let value = value(size);
             // One element = one `append` call. In `Os` mode most calls only
-            // copy into the write buffer; every 256 KiB the call that fills it
+            // copy into the write buffer; every 64 KiB (the default write buffer) the call that fills it
             // writes the batch, and the background writer writes a partial
             // buffer after about 1 ms: both are inside the timed loop.
             group.bench_function(label, |b| {

@@ -7,10 +7,12 @@
 //! cleanly before anything is timed, with the default 64 MiB segments. One
 //! iteration is `Queue::open` then drop (the drop has nothing to sync).
 //!
-//! Page cache: the log was just written, so these are warm-cache figures:
-//! the segment headers, indexes and the tail that recovery reads come from
-//! memory. A cold open after a reboot also pays the disk's latency for each
-//! of those reads.
+//! Page cache: `recovery/open/*` are warm-cache figures: the log was just
+//! written, so the segment headers, indexes and the tail that recovery reads
+//! come from memory. `recovery/open_cold/*` drops the page cache before every
+//! open (outside the timing; needs root to write /proc/sys/vm/drop_caches,
+//! and is skipped with a message otherwise), so each open pays the disk's
+//! latency for every read, as after a reboot.
 //!
 //! Each log is deleted once its size is measured, so the disk holds one log
 //! at a time (at most 1 GiB, or 4 GiB with `WALQ_BENCH_4GIB=1`).
@@ -55,7 +57,7 @@ fn recovery(c: &mut Criterion) {
     if std::env::var("WALQ_BENCH_4GIB").is_ok_and(|v| v == "1") {
         sizes.push(("4GiB", 4 << 30));
     }
-    let mut group = c.benchmark_group("recovery/open");
+    let mut group = c.benchmark_group("recovery");
     group.sampling_mode(SamplingMode::Flat).sample_size(20);
     for (label, bytes) in sizes {
         let dir = tempfile::Builder::new()
@@ -74,10 +76,34 @@ fn recovery(c: &mut Criterion) {
         );
         queue.close().expect("close");
 
-        group.bench_function(label, |b| b.iter(|| drop(Queue::open(dir.path()).expect("open"))));
+        group.bench_function(format!("open/{label}"), |b| {
+            b.iter(|| drop(Queue::open(dir.path()).expect("open")))
+        });
+        if drop_caches() {
+            group.bench_function(format!("open_cold/{label}"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        drop_caches();
+                        let started = Instant::now();
+                        drop(Queue::open(dir.path()).expect("open"));
+                        total += started.elapsed();
+                    }
+                    total
+                })
+            });
+        } else {
+            println!("recovery/open_cold/{label}: skipped: dropping the page cache needs root");
+        }
         dir.close().expect("delete the log");
     }
     group.finish();
+}
+
+/// Writes back dirty pages and drops the page cache; false when not permitted.
+fn drop_caches() -> bool {
+    let synced = std::process::Command::new("sync").status().is_ok_and(|s| s.success());
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 criterion_group!(benches, recovery);

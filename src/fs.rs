@@ -385,23 +385,36 @@ impl Fault {
 ///
 /// Cloning is cheap; all clones are the same disk.
 ///
-/// ```ignore
-/// use walq::SimDisk;
+/// ```
+/// use walq::{Queue, SimDisk};
 ///
-/// // Count the storage calls of a workload, then stop it after each one in
+/// /// Appends five `Sync` records on `disk` (paths on a `SimDisk` are just
+/// /// keys); returns how many were acknowledged before a call failed.
+/// fn run_workload(disk: &SimDisk) -> u64 {
+///     let Ok(queue) = Queue::builder("/q").simulated(disk).open() else { return 0 };
+///     (0..5u8).take_while(|&i| queue.append(&[i; 100]).is_ok()).count() as u64
+/// }
+///
+/// // Count the storage calls of the workload, then stop it after each one in
 /// // turn, cut the power and check what recovery finds.
 /// let calls = {
 ///     let disk = SimDisk::new(7);
-///     run_workload(&disk)?;
+///     assert_eq!(run_workload(&disk), 5);
 ///     disk.ops()
 /// };
-/// for k in 0..calls {
+/// for k in 0..=calls {
 ///     let disk = SimDisk::new(k);
 ///     disk.halt_after(k);
-///     let acked = run_workload(&disk).unwrap_or_default();
+///     let acked = run_workload(&disk);
 ///     disk.crash();
-///     check_recovered(&disk, &acked)?; // reopens the queue on `disk`
+///     let queue = Queue::builder("/q").simulated(&disk).open()?;
+///     assert!(queue.next_offset() >= acked, "seed {k}: an acknowledged record was lost");
+///     let mut reader = queue.read_from(0)?;
+///     for i in 0..acked {
+///         assert_eq!(reader.next()?.map(|r| r.value().to_vec()), Some(vec![i as u8; 100]));
+///     }
 /// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct SimDisk {
@@ -869,11 +882,21 @@ impl SimDisk {
     /// a file whose entry is lost disappears. Also ends a
     /// [`halt_after`](SimDisk::halt_after).
     ///
-    /// ```ignore
-    /// let disk = walq::SimDisk::new(seed);
-    /// // ... append to a queue on `disk` ...
+    /// ```
+    /// use walq::{Durability, Queue, SimDisk};
+    /// let disk = SimDisk::new(42);
+    /// let queue = Queue::builder("/q").simulated(&disk).open()?;
+    /// queue.append(b"acknowledged")?; // fdatasynced before it returns
+    /// queue.append_with(b"unsynced", Durability::Os)?; // at most in the page cache
     /// disk.crash();
-    /// // reopen the queue on `disk`: every acknowledged record must be there
+    /// drop(queue); // its handles died with the power: the final flush fails (logged)
+    ///
+    /// // Reopen as a restarted process would: every acknowledged record is there.
+    /// let queue = Queue::builder("/q").simulated(&disk).open()?;
+    /// let mut reader = queue.read_from(0)?;
+    /// assert_eq!(reader.next()?.map(|r| r.value().to_vec()), Some(b"acknowledged".to_vec()));
+    /// assert!(queue.next_offset() <= 2); // "unsynced" may or may not have survived
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn crash(&self) {
         self.lock().crash(CrashMode::Power);
@@ -915,16 +938,31 @@ impl SimDisk {
     /// `ShortWrite` is for [`FaultOp::Write`] and `SyncFailDropPages` for
     /// [`FaultOp::Sync`].
     ///
-    /// ```ignore
-    /// use walq::{Fault, FaultKind, FaultOp, SimDisk};
+    /// ```
+    /// use walq::{Error, Fault, FaultKind, FaultOp, Queue, SimDisk};
     /// let disk = SimDisk::new(1);
+    /// let queue = Queue::builder("/q").simulated(&disk).open()?;
+    /// queue.append(b"before")?;
+    /// // The next fdatasync of a segment fails and drops its unsynced pages.
     /// disk.inject(Fault {
     ///     op: FaultOp::Sync,
     ///     nth: 1,
     ///     kind: FaultKind::SyncFailDropPages,
-    ///     path_contains: Some(".log".into()),
+    ///     path_contains: Some(".seg".into()),
     /// });
-    /// // the next append fails, and the queue refuses appends until reopened
+    /// assert!(matches!(queue.append(b"lost"), Err(Error::Io { op: "fdatasync", .. })));
+    /// // The queue refuses appends until it is reopened; reads keep working.
+    /// assert!(matches!(queue.append(b"refused"), Err(Error::Poisoned)));
+    /// assert_eq!(queue.read_from(0)?.next()?.map(|r| r.value().to_vec()), Some(b"before".to_vec()));
+    /// drop(queue);
+    ///
+    /// let queue = Queue::builder("/q").simulated(&disk).open()?;
+    /// assert_eq!(queue.next_offset(), 1); // the failed record was never acknowledged
+    ///
+    /// // Shorter, for the next call of a kind on any path:
+    /// disk.inject(Fault::new(FaultOp::Sync, FaultKind::Eio));
+    /// assert!(queue.append(b"also lost").is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn inject(&self, fault: Fault) {
         assert!(fault.nth >= 1, "Fault::nth counts from 1 (the next call)");

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::fs::{Storage, StorageFile, write_all_at};
@@ -33,8 +33,9 @@ pub(crate) struct Segment {
     map: Mutex<Option<Arc<Map>>>,
     /// Index entries of the active segment (readers seek with them).
     active_index: RwLock<Vec<IndexEntry>>,
-    /// The index of a sealed segment, loaded (and if need be rebuilt) on first use.
-    sealed_index: OnceLock<SealedIndex>,
+    /// The index of a sealed segment, checked (and if need be rebuilt) on
+    /// first use, not at open: opening costs nothing per sealed segment.
+    sealed_index: Mutex<Option<Arc<SealedIndex>>>,
 }
 
 #[derive(Debug)]
@@ -61,7 +62,7 @@ impl Segment {
             data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
             active_index: RwLock::new(active_index),
-            sealed_index: OnceLock::new(),
+            sealed_index: Mutex::new(None),
         }
     }
 
@@ -153,37 +154,57 @@ impl Log {
         {
             return Ok(Arc::clone(m));
         }
-        let len = seg.data_len.load(Ordering::Acquire);
-        if len < min_len {
+        let file = self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))?;
+        // A sealed segment is never written again: all of it may be mapped.
+        let len = match seg.end() {
+            OPEN_END => seg.data_len.load(Ordering::Acquire),
+            _ => file.len().map_err(|e| Error::io("stat", &seg.path, e))?,
+        };
+        if len < min_len.max(SEGMENT_HEADER_LEN as u64) {
             return Err(Error::corrupt(&seg.path, len, format!("segment ends before byte {min_len}")));
         }
-        let file = self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))?;
         let len =
             usize::try_from(len).map_err(|_| Error::corrupt(&seg.path, 0, "segment too large to map"))?;
         let map = Arc::new(file.map(len).map_err(|e| Error::io("mmap", &seg.path, e))?);
+        // Sealed segments' headers are checked here, on first use, not at open.
+        match segment::decode_header(&map, &seg.path)? {
+            segment::HeaderCheck::Valid(b) if b == seg.base => {}
+            _ => return Err(Error::corrupt(&seg.path, 0, "segment header missing or for another offset")),
+        }
         *cached = Some(Arc::clone(&map));
         Ok(map)
     }
 
     /// The position of the batch at or before `offset` in `seg` that the index
     /// knows of (the segment's first batch when none), with its base offset.
-    pub(crate) fn seek_hint(&self, seg: &Segment, offset: u64) -> (u64, u64) {
+    /// A sealed segment's index fails only when rebuilding it shows that the
+    /// segment itself is damaged (it ends before the next segment begins).
+    pub(crate) fn seek_hint(&self, seg: &Segment, offset: u64) -> Result<(u64, u64)> {
         let start = (SEGMENT_HEADER_LEN as u64, seg.base);
-        let Ok(relative) = u32::try_from(offset - seg.base) else { return start };
+        let Ok(relative) = u32::try_from(offset - seg.base) else { return Ok(start) };
         let found = if seg.end() == OPEN_END {
             index::floor_in(&seg.active_index.read().unwrap_or_else(|e| e.into_inner()), relative)
         } else {
-            match seg.sealed_index.get_or_init(|| self.load_sealed_index(seg)) {
+            let sealed = {
+                let mut slot = seg.sealed_index.lock().unwrap_or_else(|e| e.into_inner());
+                match slot.as_ref() {
+                    Some(s) => Arc::clone(s),
+                    None => Arc::clone(slot.insert(Arc::new(self.load_sealed_index(seg)?))),
+                }
+            };
+            match sealed.as_ref() {
                 SealedIndex::Mapped(m) => index::floor_in_body(&m[INDEX_HEADER_LEN..], relative),
                 SealedIndex::Built(v) => index::floor_in(v, relative),
             }
         };
-        found.map_or(start, |e| (e.position as u64, seg.base + e.relative as u64))
+        Ok(found.map_or(start, |e| (e.position as u64, seg.base + e.relative as u64)))
     }
 
-    /// Maps and verifies a sealed index; rebuilds it from the segment when it is
-    /// unusable (and rewrites the file, best effort: it is only a cache).
-    fn load_sealed_index(&self, seg: &Segment) -> SealedIndex {
+    /// Maps and verifies a sealed index; rebuilds it from the segment when it
+    /// is unusable (missing, short, stale, corrupt) and rewrites the file.
+    /// The rebuild is where a damaged sealed segment (truncated, or followed
+    /// by a missing one) is found: it is `Error::Corrupt`.
+    fn load_sealed_index(&self, seg: &Segment) -> Result<SealedIndex> {
         let mapped = (|| -> Result<Option<Map>> {
             let f =
                 self.storage.open_read(&seg.index_path).map_err(|e| Error::io("open", &seg.index_path, e))?;
@@ -194,17 +215,14 @@ impl Log {
                 _ => Ok(None),
             }
         })();
-        if let Ok(Some(map)) = mapped {
-            return SealedIndex::Mapped(map);
+        match mapped {
+            Ok(Some(map)) => return Ok(SealedIndex::Mapped(map)),
+            Err(e @ Error::UnsupportedFormat { .. }) => return Err(e),
+            _ => {}
         }
         tracing::warn!(index = %seg.index_path.display(), "index unusable, rebuilding it from its segment");
-        match rebuild_index(self.storage.as_ref(), &self.dir, seg.base, &seg.path, Some(seg.end())) {
-            Ok(entries) => SealedIndex::Built(entries),
-            Err(e) => {
-                tracing::warn!(segment = %seg.path.display(), error = %e, "index rebuild failed; seeks scan from the segment start");
-                SealedIndex::Built(Vec::new())
-            }
-        }
+        let entries = rebuild_index(self.storage.as_ref(), &self.dir, seg.base, &seg.path, Some(seg.end()))?;
+        Ok(SealedIndex::Built(entries))
     }
 
     /// Removes whole sealed segments that end at or before `offset`, oldest
@@ -272,7 +290,10 @@ pub(crate) fn rebuild_index(
         ));
     }
     let data_len = u32::try_from(scan.end).map_err(|_| Error::corrupt(path, scan.end, "segment too long"))?;
-    write_sealed_index(storage, dir, base, &scan.entries, scan.next_offset, data_len)?;
+    // The entries are good whether or not the cache file can be written now.
+    if let Err(e) = write_sealed_index(storage, dir, base, &scan.entries, scan.next_offset, data_len) {
+        tracing::warn!(segment = %path.display(), error = %e, "could not write the rebuilt index");
+    }
     Ok(scan.entries)
 }
 

@@ -150,7 +150,7 @@ impl Reader {
         let seg = Arc::clone(&self.current.as_ref().expect("set above").0);
         let (mut pos, mut base) = match self.next_batch {
             Some((pos, base)) if base <= target => (pos, base),
-            _ => self.log.seek_hint(&seg, target),
+            _ => self.log.seek_hint(&seg, target)?,
         };
         let mut from_index = self.next_batch.is_none();
         loop {
