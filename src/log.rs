@@ -72,9 +72,11 @@ impl Segment {
     }
 
     pub(crate) fn seal(&self, end: u64) {
-        self.active_index.write().unwrap_or_else(|e| e.into_inner()).clear();
-        self.active_index.write().unwrap_or_else(|e| e.into_inner()).shrink_to_fit();
+        *self.active_index.write().unwrap_or_else(|e| e.into_inner()) = Vec::new();
         self.end.store(end, Ordering::Release);
+        // Readers keep the maps they hold; the next one maps the sealed file
+        // afresh and goes through the bounded cache.
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Records that bytes below `len` are written (before they are published).
@@ -100,7 +102,15 @@ pub(crate) struct Log {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Offset after the last record readers may see.
     visible: AtomicU64,
+    /// Sealed segments whose maps are cached, oldest first; bounded by
+    /// [`CACHED_MAPS_MAX`] so that a scan of a huge log holds neither heap
+    /// nor map count in proportion to it.
+    cached: Mutex<std::collections::VecDeque<Arc<Segment>>>,
 }
+
+/// Sealed segments whose maps (segment and index) stay cached for new readers;
+/// readers keep their own `Arc` to a map, so eviction never pulls one away.
+pub(crate) const CACHED_MAPS_MAX: usize = 64;
 
 impl Log {
     pub(crate) fn new(
@@ -109,7 +119,13 @@ impl Log {
         segments: Vec<Arc<Segment>>,
         visible: u64,
     ) -> Log {
-        Log { dir, storage, segments: RwLock::new(segments), visible: AtomicU64::new(visible) }
+        Log {
+            dir,
+            storage,
+            segments: RwLock::new(segments),
+            visible: AtomicU64::new(visible),
+            cached: Mutex::new(std::collections::VecDeque::new()),
+        }
     }
 
     pub(crate) fn visible(&self) -> u64 {
@@ -147,7 +163,7 @@ impl Log {
 
     /// A map of at least `min_len` bytes of `seg` (remapping an active
     /// segment that grew). Never maps past what exists.
-    pub(crate) fn map(&self, seg: &Segment, min_len: u64) -> Result<Arc<Map>> {
+    pub(crate) fn map(&self, seg: &Arc<Segment>, min_len: u64) -> Result<Arc<Map>> {
         let mut cached = seg.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cached.as_ref()
             && m.len() as u64 >= min_len
@@ -171,8 +187,25 @@ impl Log {
             segment::HeaderCheck::Valid(b) if b == seg.base => {}
             _ => return Err(Error::corrupt(&seg.path, 0, "segment header missing or for another offset")),
         }
-        *cached = Some(Arc::clone(&map));
+        let first_map = cached.replace(Arc::clone(&map)).is_none();
+        drop(cached);
+        if first_map && seg.end() != OPEN_END {
+            self.remember(seg);
+        }
         Ok(map)
+    }
+
+    /// Notes a newly cached sealed segment; evicts the oldest past the bound.
+    fn remember(&self, seg: &Arc<Segment>) {
+        let evicted = {
+            let mut lru = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+            lru.push_back(Arc::clone(seg));
+            if lru.len() > CACHED_MAPS_MAX { lru.pop_front() } else { None }
+        };
+        if let Some(old) = evicted {
+            old.map.lock().unwrap_or_else(|e| e.into_inner()).take();
+            old.sealed_index.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 
     /// The position of the batch at or before `offset` in `seg` that the index
