@@ -17,9 +17,9 @@ struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 static PEAK: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY (the test's own allocator, not the library): forwards to the system
-// allocator unchanged and only counts bytes.
 #[allow(unsafe_code)]
+// SAFETY: the test's own allocator (not the library's): it forwards every call
+// to the system allocator unchanged and only counts bytes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let now = LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed) + layout.size() as isize;
