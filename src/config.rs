@@ -29,6 +29,9 @@ pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
 /// `append_batch` calls; a random lookup verifies (and skips within) one batch,
 /// so this bounds its cost too.
 pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 64 << 10;
+/// Default bound on one batch: a group-commit round writes its records as
+/// batches of at most this size (one write each), and one fdatasync.
+pub const BATCH_BYTES_DEFAULT: usize = 1 << 20;
 /// How long `Os` appends may sit in the write buffer before the background
 /// writer hands them to the OS.
 pub const OS_WRITE_DELAY: Duration = Duration::from_millis(1);
@@ -91,6 +94,9 @@ pub struct QueueBuilder {
     pub(crate) preallocate_bytes: u64,
     pub(crate) write_buffer_bytes: usize,
     pub(crate) durability: Durability,
+    pub(crate) batch_bytes_max: usize,
+    pub(crate) linger: Duration,
+    pub(crate) producers_lead: bool,
     pub(crate) storage: Arc<dyn Storage>,
 }
 
@@ -104,6 +110,9 @@ impl QueueBuilder {
             preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
             write_buffer_bytes: WRITE_BUFFER_BYTES_DEFAULT,
             durability: Durability::Sync,
+            batch_bytes_max: BATCH_BYTES_DEFAULT,
+            linger: Duration::ZERO,
+            producers_lead: true,
             storage: Arc::new(RealFs),
         }
     }
@@ -154,6 +163,33 @@ impl QueueBuilder {
         self
     }
 
+    /// Largest batch a flush writes with one syscall (default
+    /// [`BATCH_BYTES_DEFAULT`]); a round with more pending bytes writes
+    /// several batches, then syncs once.
+    pub fn batch_bytes_max(mut self, bytes: usize) -> Self {
+        self.batch_bytes_max = bytes;
+        self
+    }
+
+    /// How long the producer that leads a flush waits for others to join it
+    /// before writing (default zero: group commit already gathers everyone
+    /// who arrived during the previous sync). A linger trades latency for
+    /// fewer, larger syncs when producers are few and the disk is slow.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Whether a `Sync` append leads the flush itself when none is in flight
+    /// (default `true`), or always hands the records to the background
+    /// flusher thread and waits. Leading saves a thread hand-off per sync;
+    /// the other mode exists to measure that choice (`benches/append.rs`).
+    #[doc(hidden)]
+    pub fn producers_lead(mut self, lead: bool) -> Self {
+        self.producers_lead = lead;
+        self
+    }
+
     /// Runs the queue on a [`SimDisk`](crate::SimDisk) instead of the real
     /// file system, for crash and fault-injection tests.
     pub fn simulated(mut self, disk: &crate::SimDisk) -> Self {
@@ -193,6 +229,18 @@ impl QueueBuilder {
             return Err(Error::InvalidOption {
                 name: "write_buffer_bytes",
                 reason: format!("{} is outside 1..={RECORD_BYTES_MAX}", self.write_buffer_bytes),
+            });
+        }
+        if !(1..=RECORD_BYTES_MAX).contains(&self.batch_bytes_max) {
+            return Err(Error::InvalidOption {
+                name: "batch_bytes_max",
+                reason: format!("{} is outside 1..={RECORD_BYTES_MAX}", self.batch_bytes_max),
+            });
+        }
+        if self.linger > Duration::from_secs(1) {
+            return Err(Error::InvalidOption {
+                name: "linger",
+                reason: format!("{:?} is above one second; use Durability::Interval for that", self.linger),
             });
         }
         if let Durability::Interval(d) = self.durability

@@ -138,6 +138,35 @@ impl Error {
         }
     }
 
+    /// Copies the error for every waiter of a failed flush; `io::Error` is not
+    /// `Clone`, so its kind, OS code and message are kept.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Locked { dir } => Error::Locked { dir: dir.clone() },
+            Error::DiskFull { path } => Error::DiskFull { path: path.clone() },
+            Error::Poisoned => Error::Poisoned,
+            Error::RecordTooLarge { len, max } => Error::RecordTooLarge { len: *len, max: *max },
+            Error::OffsetOutOfRange { offset, first, next } => {
+                Error::OffsetOutOfRange { offset: *offset, first: *first, next: *next }
+            }
+            Error::UnsupportedFormat { path, found, supported } => {
+                Error::UnsupportedFormat { path: path.clone(), found: *found, supported: *supported }
+            }
+            Error::Corrupt { path, position, reason } => {
+                Error::Corrupt { path: path.clone(), position: *position, reason: reason.clone() }
+            }
+            Error::InvalidOption { name, reason } => Error::InvalidOption { name, reason: reason.clone() },
+            Error::NotFound { dir } => Error::NotFound { dir: dir.clone() },
+            Error::Io { op, path, source } => {
+                let source = match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                };
+                Error::Io { op, path: path.clone(), source }
+            }
+        }
+    }
+
     /// A corruption error.
     pub(crate) fn corrupt(path: impl Into<PathBuf>, position: u64, reason: impl Into<String>) -> Error {
         Error::Corrupt { path: path.into(), position, reason: reason.into() }
@@ -152,6 +181,19 @@ mod tests {
     fn error_is_send_sync_static() {
         fn check<T: Send + Sync + 'static + std::error::Error>() {}
         check::<Error>();
+    }
+
+    #[test]
+    fn duplicate_keeps_the_os_code() {
+        let e = Error::io("fdatasync", "/x", io::Error::from_raw_os_error(5));
+        match e.duplicate() {
+            Error::Io { source, op, .. } => assert_eq!((source.raw_os_error(), op), (Some(5), "fdatasync")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Error::io("w", "/x", io::Error::from_raw_os_error(28)).duplicate(),
+            Error::DiskFull { .. }
+        ));
     }
 
     #[test]

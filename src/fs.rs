@@ -444,6 +444,8 @@ struct State {
     next_lock: u64,
     faults: Vec<Armed>,
     fired: BTreeMap<String, u64>,
+    /// How long every `sync_data` takes (a slow disk), slept outside the lock.
+    sync_delay: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -847,6 +849,7 @@ impl SimDisk {
                 rng: Rng(seed),
                 ops: 0,
                 halt_at: None,
+                sync_delay: std::time::Duration::ZERO,
                 epoch: 0,
                 dirs,
                 names: BTreeMap::new(),
@@ -922,6 +925,23 @@ impl SimDisk {
     pub fn halt_after(&self, ops: u64) {
         let mut state = self.lock();
         state.halt_at = Some(state.ops + ops);
+    }
+
+    /// Makes every later `sync_data` take `delay` (a slow disk), to test
+    /// what producers do while a sync is in flight. The delay is spent
+    /// without holding the disk's lock, so other calls proceed meanwhile.
+    ///
+    /// ```
+    /// let disk = walq::SimDisk::new(1);
+    /// disk.set_sync_delay(std::time::Duration::from_millis(1));
+    /// let queue = walq::Queue::builder("/q").simulated(&disk).open()?;
+    /// let started = std::time::Instant::now();
+    /// queue.append(b"slow")?;
+    /// assert!(started.elapsed() >= std::time::Duration::from_millis(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        self.lock().sync_delay = delay;
     }
 
     /// Storage calls made so far: each method of the storage and file traits
@@ -1331,6 +1351,11 @@ impl StorageFile for SimFile {
             apply_op(&mut inode.durable, &op);
         }
         debug_assert_eq!(inode.durable.len(), inode.current.len());
+        let delay = state.sync_delay;
+        drop(state);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         Ok(())
     }
 

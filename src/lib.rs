@@ -38,7 +38,10 @@
 mod batch;
 mod config;
 mod error;
+mod flush;
 mod fs;
+#[cfg(feature = "async")]
+mod future;
 mod index;
 mod log;
 #[allow(unsafe_code)]
@@ -51,12 +54,14 @@ mod segment;
 mod writer;
 
 pub use config::{
-    Durability, OS_WRITE_DELAY, PREALLOCATE_BYTES_DEFAULT, QueueBuilder, RECORD_BYTES_DEFAULT,
-    RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    BATCH_BYTES_DEFAULT, Durability, OS_WRITE_DELAY, PREALLOCATE_BYTES_DEFAULT, QueueBuilder,
+    RECORD_BYTES_DEFAULT, RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
     WRITE_BUFFER_BYTES_DEFAULT,
 };
 pub use error::{Error, Result};
 pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
+#[cfg(feature = "async")]
+pub use future::AppendFuture;
 pub use queue::{Queue, Stats};
 pub use reader::Reader;
 pub use record::{Headers, OwnedRecord, Record, RecordRef};

@@ -102,6 +102,8 @@ pub(crate) struct Log {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Offset after the last record readers may see.
     visible: AtomicU64,
+    /// Offset after the last record an fdatasync covered (set before `visible`).
+    durable: AtomicU64,
     /// Sealed segments whose maps are cached, oldest first; bounded by
     /// [`CACHED_MAPS_MAX`] so that a scan of a huge log holds neither heap
     /// nor map count in proportion to it.
@@ -124,12 +126,23 @@ impl Log {
             storage,
             segments: RwLock::new(segments),
             visible: AtomicU64::new(visible),
+            durable: AtomicU64::new(visible),
             cached: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
     pub(crate) fn visible(&self) -> u64 {
         self.visible.load(Ordering::Acquire)
+    }
+
+    /// Offset after the last record an fdatasync covered.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Records that offsets below `next` are durable (before publishing them).
+    pub(crate) fn set_durable(&self, next: u64) {
+        self.durable.fetch_max(next, Ordering::Release);
     }
 
     /// Makes offsets below `next` visible. Every byte of those records must

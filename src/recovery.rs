@@ -90,10 +90,7 @@ pub(crate) fn recover(
         }
         Err(e) => return Err(Error::io("list", dir, e)),
     }
-    let lock = storage
-        .lock_dir(dir)
-        .map_err(|e| Error::io("lock", dir.join(LOCK_FILE), e))?
-        .ok_or_else(|| Error::Locked { dir: dir.into() })?;
+    let lock = lock_dir(storage, dir)?;
 
     let mut bases = Vec::new();
     let mut temps = Vec::new();
@@ -316,6 +313,23 @@ fn recover_active(
         index_entries: entries.len() as u64,
     };
     Ok((active, rebuilt))
+}
+
+/// How long open keeps trying a busy directory lock before `Locked`: a lock
+/// file descriptor briefly duplicated into a child that another thread of the
+/// process is spawning (between fork and exec) holds the lock for a moment
+/// after the queue that owned it was closed.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+fn lock_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn DirLock>> {
+    let deadline = Instant::now() + LOCK_RETRY;
+    loop {
+        match storage.lock_dir(dir).map_err(|e| Error::io("lock", dir.join(LOCK_FILE), e))? {
+            Some(lock) => return Ok(lock),
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            None => return Err(Error::Locked { dir: dir.into() }),
+        }
+    }
 }
 
 /// Whether a whole, valid batch with base offset `offset` starts at `pos`.

@@ -1,19 +1,16 @@
-//! The single writer of the active segment: the pending batch, writing it with
-//! one syscall, preallocation, index entries, rolling to a new segment, and the
-//! fdatasync that moves the durable watermark. Invariant: `durable <= written
-//! <= pending base`, and a failed write or sync poisons the writer for good.
+//! The I/O half of the log's tail: writing a sealed batch with one syscall,
+//! preallocation, index entries, rolling to a new segment, and the fdatasync
+//! that moves the durable watermark. Only the flusher of the moment holds it
+//! (see `flush.rs`). Invariant: `durable <= written`, and a failed write or
+//! sync poisons the writer for good.
 
-use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::batch::{BATCH_BYTES_MAX, BatchBuilder};
-use crate::config::{Durability, OS_WRITE_DELAY};
+use crate::batch::BatchBuilder;
 use crate::error::{Error, Result};
 use crate::fs::{StorageFile, write_all_at};
 use crate::index::{self, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
 use crate::log::{self, Log, Segment};
-use crate::record::Record;
 use crate::segment::{self, SEGMENT_HEADER_LEN};
 
 /// Zeros written per preallocation call, at most (bounds one write's buffer).
@@ -23,9 +20,7 @@ const ZERO_CHUNK_BYTES: usize = 256 << 10;
 #[derive(Debug, Clone)]
 pub(crate) struct WriterConfig {
     pub segment_bytes: u64,
-    pub max_record_bytes: usize,
     pub preallocate_bytes: u64,
-    pub write_buffer_bytes: usize,
     /// Readers see only synced records (the queue's default is `Sync`).
     pub publish_durable_only: bool,
 }
@@ -47,8 +42,6 @@ pub(crate) struct ActiveState {
 /// Counters the queue reports.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct WriterCounters {
-    pub appends: u64,
-    pub bytes: u64,
     pub batches: u64,
     pub syncs: u64,
     pub rolls: u64,
@@ -73,21 +66,12 @@ pub(crate) struct Writer {
     written: u64,
     /// Offset after the last record an fdatasync covered.
     durable: u64,
-    pending: BatchBuilder,
-    /// When the oldest record in `pending` arrived (for `Os` appends).
-    write_due: Option<Instant>,
-    /// When written-or-pending records must be synced (for `Interval` appends).
-    sync_due: Option<Instant>,
     poisoned: bool,
-    /// Set when an append gave the background writer a new deadline.
-    pub wake_background: bool,
     pub counters: WriterCounters,
 }
 
 impl Writer {
     pub(crate) fn new(log: Arc<Log>, cfg: WriterConfig, a: ActiveState) -> Writer {
-        let mut pending = BatchBuilder::new();
-        pending.reset(a.next_offset);
         Writer {
             log,
             cfg,
@@ -101,135 +85,33 @@ impl Writer {
             last_indexed: a.last_indexed,
             written: a.next_offset,
             durable: a.next_offset,
-            pending,
-            write_due: None,
-            sync_due: None,
             poisoned: false,
-            wake_background: false,
             counters: WriterCounters::default(),
         }
-    }
-
-    /// Offset the next append gets.
-    pub(crate) fn next_offset(&self) -> u64 {
-        self.pending.next_offset()
-    }
-
-    pub(crate) fn durable(&self) -> u64 {
-        self.durable
     }
 
     pub(crate) fn written(&self) -> u64 {
         self.written
     }
 
-    pub(crate) fn is_poisoned(&self) -> bool {
-        self.poisoned
-    }
-
-    /// Appends records as one unit of durability; returns their offsets.
-    pub(crate) fn append(&mut self, records: &[Record<'_>], durability: Durability) -> Result<Range<u64>> {
-        if self.poisoned {
-            return Err(Error::Poisoned);
-        }
-        // Check every record before taking any, so a bad one leaves nothing behind.
-        for r in records {
-            let len = r.encoded_len();
-            if len > self.cfg.max_record_bytes {
-                return Err(Error::RecordTooLarge { len, max: self.cfg.max_record_bytes });
-            }
-        }
-        let first = self.pending.next_offset();
-        let mut now_ms = None;
-        for r in records {
-            let len = r.encoded_len();
-            if !self.pending.is_empty() && self.pending.encoded_len() + len > self.batch_limit() {
-                self.write_pending()?;
-            }
-            let ts = match r.timestamp_ms {
-                Some(ts) => ts,
-                None => *now_ms.get_or_insert_with(wall_clock_ms),
-            };
-            self.pending.push(r.key, &r.headers, r.value, ts);
-            self.counters.appends += 1;
-            self.counters.bytes += r.value.len() as u64;
-        }
-        let range = first..self.pending.next_offset();
-        match durability {
-            Durability::Sync => {
-                self.write_pending()?;
-                self.sync()?;
-            }
-            Durability::Interval(d) => {
-                let due = Instant::now() + d;
-                self.wake_background |= self.sync_due.is_none_or(|t| due < t);
-                self.sync_due = Some(self.sync_due.map_or(due, |t| t.min(due)));
-                if self.pending.encoded_len() >= self.cfg.write_buffer_bytes {
-                    self.write_pending()?;
-                }
-            }
-            Durability::Os => {
-                if self.pending.encoded_len() >= self.cfg.write_buffer_bytes {
-                    self.write_pending()?;
-                } else if self.write_due.is_none() {
-                    self.write_due = Some(Instant::now() + OS_WRITE_DELAY);
-                    self.wake_background = true;
-                }
-            }
-        }
-        Ok(range)
-    }
-
-    fn batch_limit(&self) -> usize {
-        self.cfg.write_buffer_bytes.min(BATCH_BYTES_MAX / 2)
-    }
-
-    /// Writes and syncs everything appended so far.
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        if self.poisoned {
-            return Err(Error::Poisoned);
-        }
-        self.write_pending()?;
-        self.sync()
-    }
-
-    /// Background work that is due at `now`; returns when to look again.
-    pub(crate) fn tick(&mut self, now: Instant) -> Result<Option<Instant>> {
-        if self.poisoned {
-            return Ok(None);
-        }
-        if self.write_due.is_some_and(|t| t <= now) {
-            self.write_pending()?;
-        }
-        if self.sync_due.is_some_and(|t| t <= now) {
-            self.write_pending()?;
-            self.sync()?;
-        }
-        Ok(match (self.write_due, self.sync_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
-    }
-
     fn poison<T>(&mut self, e: Error) -> Result<T> {
         self.poisoned = true;
-        // Nothing pending was acknowledged by this failure; drop it.
-        self.pending.reset(self.written);
-        self.write_due = None;
-        self.sync_due = None;
         tracing::error!(error = %e, "write or sync failed; the queue is poisoned until reopened");
         Err(e)
     }
 
-    /// Seals the pending batch and writes it with one syscall (rolling first
-    /// when it would overflow the segment). Acknowledges nothing by itself.
-    fn write_pending(&mut self) -> Result<()> {
-        self.write_due = None;
-        if self.pending.is_empty() {
+    /// Seals `batch` and writes it with one syscall, rolling first when it
+    /// would overflow the segment. Acknowledges nothing by itself.
+    pub(crate) fn write_batch(&mut self, batch: &mut BatchBuilder) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        if batch.is_empty() {
             return Ok(());
         }
-        let len = self.pending.encoded_len() as u64;
-        let relative_end = self.pending.next_offset() - self.active.base;
+        debug_assert_eq!(batch.base_offset(), self.written, "batches are written in offset order");
+        let len = batch.encoded_len() as u64;
+        let relative_end = batch.next_offset() - self.active.base;
         let has_data = self.pos > SEGMENT_HEADER_LEN as u64;
         if has_data
             && (self.pos + len > self.cfg.segment_bytes || relative_end > u32::MAX as u64)
@@ -243,7 +125,7 @@ impl Writer {
         {
             return self.poison(e);
         }
-        let bytes = self.pending.seal(self.synced_pos);
+        let bytes = batch.seal(self.synced_pos);
         if let Err(e) = write_all_at(self.file.as_ref(), bytes, self.pos) {
             let e = Error::io("write", &self.active.path, e);
             return self.poison(e);
@@ -252,12 +134,10 @@ impl Writer {
         self.pos = end;
         self.file_len = self.file_len.max(end);
         self.active.set_data_len(end);
-        self.written = self.pending.next_offset();
+        self.written = batch.next_offset();
         self.counters.batches += 1;
-        let base = self.pending.base_offset();
-        self.pending.reset(self.written);
         if batch_pos >= self.last_indexed + INDEX_INTERVAL_BYTES {
-            self.add_index_entry(base, batch_pos);
+            self.add_index_entry(batch.base_offset(), batch_pos);
         }
         if !self.cfg.publish_durable_only {
             self.log.publish(self.written);
@@ -311,11 +191,14 @@ impl Writer {
         }
     }
 
-    /// fdatasync of the active segment; advances the durable watermark.
-    fn sync(&mut self) -> Result<()> {
-        self.sync_due = None;
+    /// fdatasync of the active segment; advances the durable watermark to
+    /// everything written. Returns the new durable offset.
+    pub(crate) fn sync(&mut self) -> Result<u64> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
         if self.synced_pos == self.pos && self.durable == self.written {
-            return Ok(());
+            return Ok(self.durable);
         }
         if let Err(e) = self.file.sync_data() {
             let e = Error::io("fdatasync", &self.active.path, e);
@@ -324,8 +207,9 @@ impl Writer {
         self.counters.syncs += 1;
         self.synced_pos = self.pos;
         self.durable = self.written;
+        self.log.set_durable(self.durable);
         self.log.publish(self.durable);
-        Ok(())
+        Ok(self.durable)
     }
 
     /// Seals the active segment and starts the next one. The old segment is
@@ -365,9 +249,4 @@ impl Writer {
         tracing::debug!(segment = %seg_path.display(), "rolled to a new segment");
         Ok(())
     }
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn wall_clock_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -1,0 +1,564 @@
+//! Group commit. Producers copy records into the pending batches under a short
+//! lock and get offsets. One flusher at a time (the first `Sync` producer that
+//! finds no flush in flight, or the background thread for async waiters and
+//! timers) takes every pending batch, writes each with one syscall, issues one
+//! fdatasync, advances the durable watermark, and wakes exactly the waiters it
+//! covered; the first uncovered waiter is handed the lead. Producers fill the
+//! next batches meanwhile. Invariant: at most one round is in flight
+//! (`State::flushing`), and every waiter is completed exactly once.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::batch::BatchBuilder;
+use crate::config::{Durability, OS_WRITE_DELAY};
+use crate::error::{Error, Result};
+use crate::record::Record;
+use crate::writer::Writer;
+
+/// Sync latencies kept for the percentiles in [`crate::Stats`].
+const SYNC_LATENCIES_KEPT: usize = 1024;
+
+/// What the flusher needs from the options.
+#[derive(Debug, Clone)]
+pub(crate) struct FlushConfig {
+    pub max_record_bytes: usize,
+    /// `Os`/`Interval` records are written once this many bytes are pending.
+    pub write_buffer_bytes: usize,
+    /// A batch is closed (a new one started) before it grows past this.
+    pub batch_bytes_max: usize,
+    /// How long a leader waits for more producers before taking the batch.
+    pub linger: Duration,
+    /// Whether a `Sync` producer leads a flush itself (the default) or waits
+    /// for the background thread to do it (kept to measure the difference).
+    pub producers_lead: bool,
+}
+
+/// The group-commit machinery shared by the queue and its background thread.
+#[derive(Debug)]
+pub(crate) struct Flush {
+    state: Mutex<State>,
+    /// The active segment's I/O; held only by the flusher of the round.
+    io: Mutex<Writer>,
+    /// The background thread waits here for timers and async waiters.
+    work: Condvar,
+    cfg: FlushConfig,
+    background: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Pending batches in offset order; only the last one takes new records.
+    pending: Vec<BatchBuilder>,
+    /// Builders whose buffers are reused (no allocation per batch once warm).
+    spare: Vec<BatchBuilder>,
+    pending_bytes: usize,
+    next_offset: u64,
+    written: u64,
+    durable: u64,
+    /// A round is in flight: its batches are out of `pending`.
+    flushing: bool,
+    poisoned: bool,
+    /// Waiting `Sync` appends (and flushes), in target order.
+    waiters: VecDeque<Arc<Waiter>>,
+    /// The background thread must lead the next round (an async waiter waits).
+    background_lead: bool,
+    write_due: Option<Instant>,
+    sync_due: Option<Instant>,
+    shutdown: bool,
+    background_started: bool,
+    stats: FlushStats,
+}
+
+/// Counters of the flusher, copied into [`crate::Stats`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FlushStats {
+    pub appends: u64,
+    pub bytes: u64,
+    pub batches: u64,
+    pub syncs: u64,
+    pub rolls: u64,
+    pub records_synced: u64,
+    pub last_records_per_sync: u64,
+    /// The most recent sync latencies (µs), a ring.
+    pub sync_micros: Vec<u32>,
+    pub sync_micros_next: usize,
+    pub next_offset: u64,
+    pub written: u64,
+    pub durable: u64,
+    pub poisoned: bool,
+}
+
+/// One producer (or `flush` call) waiting for a sync that covers `target`.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    target: u64,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    outcome: Outcome,
+    wake: Wake,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Pending,
+    Done(Result<()>),
+    /// No round is in flight and this waiter is the first one uncovered: it leads.
+    Lead,
+}
+
+#[derive(Debug)]
+enum Wake {
+    Thread(Thread),
+    Task(Option<Waker>),
+}
+
+impl Waiter {
+    fn new(target: u64, wake: Wake) -> Arc<Waiter> {
+        Arc::new(Waiter { target, slot: Mutex::new(Slot { outcome: Outcome::Pending, wake }) })
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_thread(&self) -> bool {
+        matches!(self.slot().wake, Wake::Thread(_))
+    }
+
+    /// Completes the waiter and wakes it; called once per waiter.
+    fn finish(&self, outcome: Outcome) {
+        let mut slot = self.slot();
+        slot.outcome = outcome;
+        match &mut slot.wake {
+            Wake::Thread(t) => t.unpark(),
+            Wake::Task(w) => {
+                if let Some(w) = w.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Parks the calling thread until the waiter is completed.
+    fn park(&self) -> Outcome {
+        loop {
+            {
+                let mut slot = self.slot();
+                if !matches!(slot.outcome, Outcome::Pending) {
+                    return std::mem::replace(&mut slot.outcome, Outcome::Pending);
+                }
+            }
+            std::thread::park();
+        }
+    }
+
+    /// For futures: the outcome if there is one, else remembers the waker.
+    pub(crate) fn poll(&self, waker: &Waker) -> Option<Result<()>> {
+        let mut slot = self.slot();
+        match std::mem::replace(&mut slot.outcome, Outcome::Pending) {
+            Outcome::Done(r) => Some(r),
+            other => {
+                slot.outcome = other;
+                slot.wake = Wake::Task(Some(waker.clone()));
+                None
+            }
+        }
+    }
+}
+
+impl Flush {
+    pub(crate) fn new(io: Writer, cfg: FlushConfig) -> Flush {
+        let next = io.written();
+        Flush {
+            state: Mutex::new(State {
+                pending: Vec::new(),
+                spare: Vec::new(),
+                pending_bytes: 0,
+                next_offset: next,
+                written: next,
+                durable: next,
+                flushing: false,
+                poisoned: false,
+                waiters: VecDeque::new(),
+                background_lead: false,
+                write_due: None,
+                sync_due: None,
+                shutdown: false,
+                background_started: false,
+                stats: FlushStats::default(),
+            }),
+            io: Mutex::new(io),
+            work: Condvar::new(),
+            cfg,
+            background: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state only changes in whole steps under the lock; a panic
+        // elsewhere cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends records as one unit; returns their offsets once they are as
+    /// durable as asked.
+    pub(crate) fn append(
+        self: &Arc<Self>,
+        records: &[Record<'_>],
+        durability: Durability,
+    ) -> Result<Range<u64>> {
+        let mut st = self.lock();
+        let range = self.push(&mut st, records)?;
+        match durability {
+            Durability::Sync => self.wait_durable(st, range.end)?,
+            Durability::Interval(d) => {
+                let due = Instant::now() + d;
+                let wake = st.sync_due.is_none_or(|t| due < t);
+                st.sync_due = Some(st.sync_due.map_or(due, |t| t.min(due)));
+                self.write_if_full(st, wake)?;
+            }
+            Durability::Os => {
+                let wake = st.write_due.is_none();
+                if wake {
+                    st.write_due = Some(Instant::now() + OS_WRITE_DELAY);
+                }
+                self.write_if_full(st, wake)?;
+            }
+        }
+        Ok(range)
+    }
+
+    /// Registers an async append: pushes the records now and returns what the
+    /// future waits on (`None` when nothing needs waiting for).
+    pub(crate) fn append_waiter(
+        self: &Arc<Self>,
+        records: &[Record<'_>],
+        durability: Durability,
+    ) -> Result<(Range<u64>, Option<Arc<Waiter>>)> {
+        if durability != Durability::Sync {
+            return Ok((self.append(records, durability)?, None));
+        }
+        let mut st = self.lock();
+        let range = self.push(&mut st, records)?;
+        let waiter = Waiter::new(range.end, Wake::Task(None));
+        st.waiters.push_back(Arc::clone(&waiter));
+        if !st.flushing {
+            st.background_lead = true;
+        }
+        drop(st);
+        self.wake_background();
+        Ok((range, Some(waiter)))
+    }
+
+    /// Copies records into the pending batches; checks everything first so
+    /// that a bad record leaves nothing behind.
+    fn push(&self, st: &mut State, records: &[Record<'_>]) -> Result<Range<u64>> {
+        if st.poisoned {
+            return Err(Error::Poisoned);
+        }
+        for r in records {
+            let len = r.encoded_len();
+            if len > self.cfg.max_record_bytes {
+                return Err(Error::RecordTooLarge { len, max: self.cfg.max_record_bytes });
+            }
+        }
+        let first = st.next_offset;
+        let mut now_ms = None;
+        for r in records {
+            let len = r.encoded_len();
+            let full = st.pending.last().is_none_or(|b| b.encoded_len() + len > self.cfg.batch_bytes_max);
+            if full {
+                let mut b = st.spare.pop().unwrap_or_default();
+                b.reset(st.next_offset);
+                st.pending.push(b);
+            }
+            let ts = match r.timestamp_ms {
+                Some(ts) => ts,
+                None => *now_ms.get_or_insert_with(wall_clock_ms),
+            };
+            let State { pending, pending_bytes, next_offset, stats, .. } = st;
+            let batch = pending.last_mut().expect("a pending batch was ensured above");
+            let before = batch.encoded_len();
+            batch.push(r.key, &r.headers, r.value, ts);
+            *pending_bytes += batch.encoded_len() - before;
+            *next_offset += 1;
+            stats.appends += 1;
+            stats.bytes += r.value.len() as u64;
+        }
+        Ok(first..st.next_offset)
+    }
+
+    /// `Os`/`Interval`: write (without a sync) once the buffer is full, unless
+    /// a round is in flight (it or the background thread will take it).
+    fn write_if_full(self: &Arc<Self>, st: MutexGuard<'_, State>, wake: bool) -> Result<()> {
+        if st.pending_bytes >= self.cfg.write_buffer_bytes && !st.flushing {
+            let (_st, result) = self.lead(st, false);
+            return result;
+        }
+        drop(st);
+        if wake {
+            self.wake_background();
+        }
+        Ok(())
+    }
+
+    /// Returns once a sync covers offsets below `target`, leading the flush
+    /// when nobody else is.
+    fn wait_durable(self: &Arc<Self>, mut st: MutexGuard<'_, State>, target: u64) -> Result<()> {
+        if st.durable >= target {
+            return Ok(());
+        }
+        if st.poisoned {
+            return Err(Error::Poisoned);
+        }
+        if !st.flushing && self.cfg.producers_lead {
+            return self.lead(st, true).1;
+        }
+        let waiter = Waiter::new(target, Wake::Thread(std::thread::current()));
+        st.waiters.push_back(Arc::clone(&waiter));
+        let wake = !st.flushing;
+        if wake {
+            st.background_lead = true;
+        }
+        drop(st);
+        if wake {
+            self.wake_background();
+        }
+        match waiter.park() {
+            Outcome::Done(result) => result,
+            Outcome::Lead => self.lead(self.lock(), true).1,
+            Outcome::Pending => unreachable!("park returns only a completed outcome"),
+        }
+    }
+
+    /// Syncs everything appended so far.
+    pub(crate) fn flush(self: &Arc<Self>) -> Result<()> {
+        let st = self.lock();
+        if st.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let target = st.next_offset;
+        self.wait_durable(st, target)
+    }
+
+    /// One round: take every pending batch, write each, sync if asked, then
+    /// complete the covered waiters and hand the lead on. The caller's own
+    /// records are in the round (they were pending), so its result is the
+    /// round's.
+    /// The caller saw `flushing == false`, or was handed the lead (which
+    /// reserved the round for it by leaving `flushing` set).
+    fn lead<'a>(&'a self, mut st: MutexGuard<'a, State>, sync: bool) -> (MutexGuard<'a, State>, Result<()>) {
+        st.flushing = true;
+        if sync && !self.cfg.linger.is_zero() {
+            // Let more producers join this round; `flushing` keeps others from leading.
+            drop(st);
+            std::thread::sleep(self.cfg.linger);
+            st = self.lock();
+        }
+        let mut batches = std::mem::take(&mut st.pending);
+        st.pending_bytes = 0;
+        st.write_due = None;
+        if sync {
+            st.sync_due = None;
+        }
+        let end = st.next_offset;
+        let durable_before = st.durable;
+        drop(st);
+
+        let started = Instant::now();
+        let (result, written, rolls) = {
+            let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let mut result = batches.iter_mut().try_for_each(|b| io.write_batch(b));
+            if result.is_ok() && sync {
+                result = io.sync().map(|_| ());
+            }
+            (result, io.written(), io.counters.rolls)
+        };
+        let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+
+        let mut st = self.lock();
+        st.flushing = false;
+        st.stats.batches += batches.len() as u64;
+        st.stats.rolls = rolls;
+        st.spare.append(&mut batches);
+        let result = match result {
+            Ok(()) => {
+                st.written = end;
+                if sync {
+                    st.durable = end;
+                    let covered = end - durable_before;
+                    let stats = &mut st.stats;
+                    stats.syncs += 1;
+                    stats.records_synced += covered;
+                    stats.last_records_per_sync = covered;
+                    if stats.sync_micros.len() < SYNC_LATENCIES_KEPT {
+                        stats.sync_micros.push(micros);
+                    } else {
+                        let i = stats.sync_micros_next;
+                        stats.sync_micros[i] = micros;
+                    }
+                    stats.sync_micros_next = (stats.sync_micros_next + 1) % SYNC_LATENCIES_KEPT;
+                }
+                while st.waiters.front().is_some_and(|w| w.target <= st.durable) {
+                    if let Some(w) = st.waiters.pop_front() {
+                        w.finish(Outcome::Done(Ok(())));
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The latch: nothing pending is acknowledged, every waiter fails
+                // (with the original error if its records were in this round),
+                // and every later call gets `Poisoned` until the queue is reopened.
+                st.poisoned = true;
+                for w in std::mem::take(&mut st.waiters) {
+                    let err = if w.target <= end { e.duplicate() } else { Error::Poisoned };
+                    w.finish(Outcome::Done(Err(err)));
+                }
+                let dropped = std::mem::take(&mut st.pending);
+                st.spare.extend(dropped);
+                st.pending_bytes = 0;
+                st.next_offset = written;
+                st.written = written;
+                st.write_due = None;
+                st.sync_due = None;
+                Err(e)
+            }
+        };
+        self.hand_off(&mut st);
+        (st, result)
+    }
+
+    /// After a round: the first uncovered waiter leads the next one (a thread
+    /// leads itself; for an async waiter the background thread does).
+    fn hand_off(&self, st: &mut State) {
+        let Some(first) = st.waiters.front() else { return };
+        if first.is_thread() && self.cfg.producers_lead {
+            if let Some(w) = st.waiters.pop_front() {
+                // Reserve the round for it: nobody else may lead until it does.
+                st.flushing = true;
+                w.finish(Outcome::Lead);
+            }
+        } else {
+            st.background_lead = true;
+            self.work.notify_one();
+        }
+    }
+
+    /// Starts the background thread on first need, and wakes it.
+    fn wake_background(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if !st.background_started && !st.shutdown {
+            st.background_started = true;
+            drop(st);
+            let me = Arc::clone(self);
+            match std::thread::Builder::new().name("walq-flusher".into()).spawn(move || me.background()) {
+                Ok(handle) => *self.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
+                Err(e) => tracing::error!(error = %e, "could not start the background flusher; call flush()"),
+            }
+        } else {
+            drop(st);
+        }
+        self.work.notify_one();
+    }
+
+    /// The background flusher: leads rounds for async waiters, writes `Os`
+    /// records after a short delay, and syncs `Interval` records by their
+    /// deadline.
+    fn background(&self) {
+        let mut st = self.lock();
+        while !st.shutdown {
+            let now = Instant::now();
+            if !st.flushing && !st.poisoned {
+                if st.background_lead {
+                    st.background_lead = false;
+                    if !st.waiters.is_empty() {
+                        st = self.lead(st, true).0;
+                        continue;
+                    }
+                }
+                if st.sync_due.is_some_and(|t| t <= now) {
+                    st = self.lead(st, true).0;
+                    continue;
+                }
+                if st.write_due.is_some_and(|t| t <= now) {
+                    st = self.lead(st, false).0;
+                    continue;
+                }
+            }
+            let next = match (st.write_due, st.sync_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            // While a round is in flight its leader hands off; timers are rechecked soon.
+            let next = if st.flushing { Some(now + OS_WRITE_DELAY) } else { next };
+            st = match next {
+                Some(t) => {
+                    let wait = t.saturating_duration_since(now);
+                    self.work.wait_timeout(st, wait).map_or_else(|e| e.into_inner().0, |r| r.0)
+                }
+                None => self.work.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+
+    /// The last flush of a queue being closed: leads a round itself (the
+    /// background thread is stopped), after any round in flight.
+    pub(crate) fn final_flush(&self) -> Result<()> {
+        loop {
+            let st = self.lock();
+            if st.poisoned {
+                return Err(Error::Poisoned);
+            }
+            if !st.flushing {
+                return self.lead(st, true).1;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Stops the background thread (after it finishes its round).
+    pub(crate) fn stop_background(&self) {
+        // Under the state lock, so the thread is either before its shutdown
+        // check or already waiting: the notify cannot be lost.
+        self.lock().shutdown = true;
+        self.work.notify_all();
+        let handle = self.background.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.lock().next_offset
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.lock().poisoned
+    }
+
+    /// A copy of the counters and watermarks.
+    pub(crate) fn stats(&self) -> FlushStats {
+        let st = self.lock();
+        let mut s = st.stats.clone();
+        s.next_offset = st.next_offset;
+        s.written = st.written;
+        s.durable = st.durable;
+        s.poisoned = st.poisoned;
+        s
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn wall_clock_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
