@@ -117,6 +117,7 @@ enum Outcome {
 #[derive(Debug)]
 enum Wake {
     Thread(Thread),
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     Task(Option<Waker>),
 }
 
@@ -161,6 +162,7 @@ impl Waiter {
     }
 
     /// For futures: the outcome if there is one, else remembers the waker.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn poll(&self, waker: &Waker) -> Option<Result<()>> {
         let mut slot = self.slot();
         match std::mem::replace(&mut slot.outcome, Outcome::Pending) {
@@ -238,6 +240,7 @@ impl Flush {
 
     /// Registers an async append: pushes the records now and returns what the
     /// future waits on (`None` when nothing needs waiting for).
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn append_waiter(
         self: &Arc<Self>,
         records: &[Record<'_>],
@@ -519,7 +522,13 @@ impl Flush {
                 return Err(Error::Poisoned);
             }
             if !st.flushing {
-                return self.lead(st, true).1;
+                let (st, result) = self.lead(st, true);
+                if result.is_ok() {
+                    // Still holding the state lock: no round can start meanwhile.
+                    self.io.lock().unwrap_or_else(|e| e.into_inner()).mark_synced();
+                }
+                drop(st);
+                return result;
             }
             drop(st);
             std::thread::sleep(Duration::from_micros(50));

@@ -12,11 +12,17 @@ use crate::error::{Error, Result};
 //     0  [u8; 4] magic b"WLQI"
 //     4  u32     format version (1)
 //     8  u64     base offset of the segment
-//     16 u64     sealed: offset after the segment's last record; else 0
-//     24 u32     sealed: segment data length (end of the last batch); else 0
+//     16 u64     sealed: offset after the segment's last record
+//                active with a synced mark: offset after the last record synced
+//                else 0
+//     24 u32     sealed: segment data length (end of the last batch)
+//                active with a synced mark: the byte position that sync reached
+//                else 0
 //     28 u32     sealed: entry count; else 0
-//     32 u32     flags: bit 0 = sealed (complete, fields above valid)
-//     36 u32     sealed: CRC-32C of bytes 0..36 followed by every entry; else 0
+//     32 u32     flags: bit 0 = sealed (complete, fields above valid);
+//                bit 1 = synced mark (active only)
+//     36 u32     sealed: CRC-32C of bytes 0..36 followed by every entry;
+//                active with a synced mark: CRC-32C of bytes 0..36; else 0
 //   then entries, 8 bytes each, strictly increasing in both fields:
 //     0  u32     relative offset: the batch's base offset minus the segment's base
 //     4  u32     byte position of the batch in the segment file
@@ -25,6 +31,7 @@ pub(crate) const INDEX_ENTRY_LEN: usize = 8;
 const INDEX_MAGIC: [u8; 4] = *b"WLQI";
 const INDEX_VERSION: u32 = 1;
 const FLAG_SEALED: u32 = 1;
+const FLAG_SYNCED_MARK: u32 = 2;
 const _: () = assert!(INDEX_HEADER_LEN.is_multiple_of(INDEX_ENTRY_LEN));
 
 /// One index entry per this many bytes of segment data (Kafka's default too):
@@ -48,13 +55,40 @@ pub(crate) struct SealedInfo {
     pub entries: u32,
 }
 
-/// The header of an unsealed (active) index.
-pub(crate) fn encode_active_header(base: u64) -> [u8; INDEX_HEADER_LEN] {
+/// A point in the active segment known to be synced: every batch below
+/// `position` was covered by an fdatasync before the mark was written, so
+/// recovery may start scanning there. Written when a queue closes cleanly and
+/// after recovery, so that the next open scans nothing it need not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SyncedMark {
+    pub next_offset: u64,
+    pub position: u32,
+}
+
+/// The header of an unsealed (active) index, with a synced mark or without.
+pub(crate) fn encode_active_header(base: u64, mark: Option<SyncedMark>) -> [u8; INDEX_HEADER_LEN] {
     let mut h = [0u8; INDEX_HEADER_LEN];
     h[0..4].copy_from_slice(&INDEX_MAGIC);
     h[4..8].copy_from_slice(&INDEX_VERSION.to_le_bytes());
     h[8..16].copy_from_slice(&base.to_le_bytes());
+    if let Some(m) = mark {
+        h[16..24].copy_from_slice(&m.next_offset.to_le_bytes());
+        h[24..28].copy_from_slice(&m.position.to_le_bytes());
+        h[32..36].copy_from_slice(&FLAG_SYNCED_MARK.to_le_bytes());
+        let crc = crc32c::crc32c(&h[0..36]);
+        h[36..40].copy_from_slice(&crc.to_le_bytes());
+    }
     h
+}
+
+/// The synced mark of an active index header, if it has an intact one.
+pub(crate) fn synced_mark(buf: &[u8]) -> Option<SyncedMark> {
+    let h = buf.get(..INDEX_HEADER_LEN)?;
+    let flags = u32_at(h, 32);
+    if flags != FLAG_SYNCED_MARK || crc32c::crc32c(&h[0..36]) != u32_at(h, 36) {
+        return None;
+    }
+    Some(SyncedMark { next_offset: u64_at(h, 16), position: u32_at(h, 24) })
 }
 
 pub(crate) fn encode_entry(e: IndexEntry) -> [u8; INDEX_ENTRY_LEN] {
@@ -66,8 +100,21 @@ pub(crate) fn encode_entry(e: IndexEntry) -> [u8; INDEX_ENTRY_LEN] {
 
 /// A whole index file: sealed (with counts and checksum) or active.
 pub(crate) fn encode_file(base: u64, entries: &[IndexEntry], sealed: Option<(u64, u32)>) -> Vec<u8> {
+    encode_with_header(encode_active_header(base, None), entries, sealed)
+}
+
+/// An active index file with a synced mark.
+pub(crate) fn encode_active_file(base: u64, entries: &[IndexEntry], mark: SyncedMark) -> Vec<u8> {
+    encode_with_header(encode_active_header(base, Some(mark)), entries, None)
+}
+
+fn encode_with_header(
+    header: [u8; INDEX_HEADER_LEN],
+    entries: &[IndexEntry],
+    sealed: Option<(u64, u32)>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(INDEX_HEADER_LEN + entries.len() * INDEX_ENTRY_LEN);
-    out.extend_from_slice(&encode_active_header(base));
+    out.extend_from_slice(&header);
     for e in entries {
         out.extend_from_slice(&encode_entry(*e));
     }
@@ -236,6 +283,21 @@ mod tests {
         file[36] ^= 1; // the same version byte with a bad checksum is damage: rebuild
         assert_eq!(check_sealed(&file, 0, p).unwrap(), Err(IndexProblem::Checksum));
         assert_eq!(check_header(&encode_file(0, &[], None), 0), Ok(None));
+    }
+
+    #[test]
+    fn synced_mark_round_trip_and_damage() {
+        let mark = SyncedMark { next_offset: 77, position: 4096 };
+        let file = encode_active_file(10, &entries(), mark);
+        assert_eq!(synced_mark(&file), Some(mark));
+        assert_eq!(check_header(&file, 10), Ok(None), "still an active index");
+        for bit in 0..INDEX_HEADER_LEN * 8 {
+            let mut d = file.clone();
+            d[bit / 8] ^= 1 << (bit % 8);
+            assert_ne!(synced_mark(&d), Some(mark), "flip of bit {bit} went unnoticed");
+        }
+        assert_eq!(synced_mark(&encode_file(10, &[], None)), None);
+        assert_eq!(synced_mark(&encode_file(10, &[], Some((5, 100)))), None, "sealed headers carry no mark");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub(crate) struct Segment {
     pub index_path: PathBuf,
     /// Offset after the last record once sealed; [`OPEN_END`] while active.
     end: AtomicU64,
+    /// Retention removed it: readers still inside may map it, nothing caches it.
+    removed: std::sync::atomic::AtomicBool,
     /// Bytes of the file that hold written data: the only bytes ever mapped,
     /// so a map never covers bytes the writer may still change (grows while
     /// active; preallocated zeros past it stay unmapped).
@@ -59,6 +61,7 @@ impl Segment {
             path: dir.join(segment::segment_name(base)),
             index_path: dir.join(segment::index_name(base)),
             end: AtomicU64::new(end),
+            removed: std::sync::atomic::AtomicBool::new(false),
             data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
             active_index: RwLock::new(active_index),
@@ -108,6 +111,8 @@ pub(crate) struct Log {
     /// [`CACHED_MAPS_MAX`] so that a scan of a huge log holds neither heap
     /// nor map count in proportion to it.
     cached: Mutex<std::collections::VecDeque<Arc<Segment>>>,
+    /// Serializes `remove_before`.
+    retention: Mutex<()>,
 }
 
 /// Sealed segments whose maps (segment and index) stay cached for new readers;
@@ -128,6 +133,7 @@ impl Log {
             visible: AtomicU64::new(visible),
             durable: AtomicU64::new(visible),
             cached: Mutex::new(std::collections::VecDeque::new()),
+            retention: Mutex::new(()),
         }
     }
 
@@ -176,14 +182,25 @@ impl Log {
 
     /// A map of at least `min_len` bytes of `seg` (remapping an active
     /// segment that grew). Never maps past what exists.
-    pub(crate) fn map(&self, seg: &Arc<Segment>, min_len: u64) -> Result<Arc<Map>> {
+    ///
+    /// `via` is the caller's own handle of the file, if it has one: it keeps
+    /// working after retention unlinked the file, where opening by path fails.
+    pub(crate) fn map(
+        &self,
+        seg: &Arc<Segment>,
+        min_len: u64,
+        via: Option<&Arc<dyn StorageFile>>,
+    ) -> Result<Arc<Map>> {
         let mut cached = seg.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cached.as_ref()
             && m.len() as u64 >= min_len
         {
             return Ok(Arc::clone(m));
         }
-        let file = self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))?;
+        let file = match via {
+            Some(f) => Arc::clone(f),
+            None => self.open_segment(seg)?,
+        };
         // A sealed segment is never written again: all of it may be mapped.
         let len = match seg.end() {
             OPEN_END => seg.data_len.load(Ordering::Acquire),
@@ -200,12 +217,20 @@ impl Log {
             segment::HeaderCheck::Valid(b) if b == seg.base => {}
             _ => return Err(Error::corrupt(&seg.path, 0, "segment header missing or for another offset")),
         }
+        if seg.removed.load(Ordering::Acquire) {
+            return Ok(map);
+        }
         let first_map = cached.replace(Arc::clone(&map)).is_none();
         drop(cached);
         if first_map && seg.end() != OPEN_END {
             self.remember(seg);
         }
         Ok(map)
+    }
+
+    /// A read handle of a segment file.
+    pub(crate) fn open_segment(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>> {
+        self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))
     }
 
     /// Notes a newly cached sealed segment; evicts the oldest past the bound.
@@ -274,17 +299,24 @@ impl Log {
     /// Removes whole sealed segments that end at or before `offset`, oldest
     /// first (so a crash midway never leaves a hole). Returns how many went.
     pub(crate) fn remove_before(&self, offset: u64) -> Result<usize> {
+        // One retention at a time: choosing and removing the oldest segment
+        // must not interleave with another caller's.
+        let _one = self.retention.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
         loop {
             let victim = {
-                let segs = self.read_segments();
+                let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
                 match segs.first() {
-                    Some(s) if segs.len() > 1 && s.end() != OPEN_END && s.end() <= offset => Arc::clone(s),
+                    // Drop it from the list first: new readers stop finding it, old ones keep their map.
+                    Some(s) if segs.len() > 1 && s.end() != OPEN_END && s.end() <= offset => segs.remove(0),
                     _ => break,
                 }
             };
-            // Drop it from the list first: new readers stop finding it, old ones keep their map.
-            self.segments.write().unwrap_or_else(|e| e.into_inner()).remove(0);
+            // Its cached maps would keep the deleted file's blocks allocated.
+            victim.removed.store(true, Ordering::Release);
+            self.cached.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| !Arc::ptr_eq(s, &victim));
+            victim.map.lock().unwrap_or_else(|e| e.into_inner()).take();
+            victim.sealed_index.lock().unwrap_or_else(|e| e.into_inner()).take();
             let storage = self.storage.as_ref();
             // The index first: a segment without an index is rebuilt, an index
             // without a segment is just removed on the next open.

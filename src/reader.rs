@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::batch::{self, BATCH_HEADER_LEN, BatchHeader, DecodeError, RecordIter};
 use crate::error::{Error, Result};
+use crate::fs::StorageFile;
 use crate::log::{Log, Segment};
 use crate::mmap::Map;
 use crate::record::RecordRef;
@@ -39,6 +40,10 @@ pub struct Reader {
     next_offset: u64,
     /// The segment holding `next_offset`, and a map of it.
     current: Option<(Arc<Segment>, Arc<Map>)>,
+    /// A handle of the current segment while it is (or was, when mapped)
+    /// active: remapping it as it grows must work even after retention
+    /// unlinked it.
+    file: Option<Arc<dyn StorageFile>>,
     /// The batch being read, when its records are not exhausted.
     batch: Option<BatchCursor>,
     /// Position of the next batch in the current segment, and its base offset.
@@ -59,7 +64,7 @@ struct BatchCursor {
 
 impl Reader {
     pub(crate) fn new(log: Arc<Log>, offset: u64) -> Reader {
-        Reader { log, next_offset: offset, current: None, batch: None, next_batch: None }
+        Reader { log, next_offset: offset, current: None, file: None, batch: None, next_batch: None }
     }
 
     /// The offset the next record will have.
@@ -143,7 +148,10 @@ impl Reader {
             if seg.end() <= target {
                 return Err(self.out_of_range(target));
             }
-            let map = self.log.map(&seg, 0)?;
+            // Open first, map second: the handle then sees whatever the map saw.
+            self.file =
+                if seg.end() == crate::log::OPEN_END { Some(self.log.open_segment(&seg)?) } else { None };
+            let map = self.log.map(&seg, 0, self.file.as_ref())?;
             self.current = Some((seg, map));
             self.next_batch = None;
         }
@@ -197,7 +205,8 @@ impl Reader {
             match batch::verify_batch(slice, Some(base)) {
                 Ok(h) => return Ok(h),
                 Err(DecodeError::Incomplete { needed }) if attempt == 0 => {
-                    let map = self.log.map(seg, pos + needed.max(BATCH_HEADER_LEN) as u64)?;
+                    let map =
+                        self.log.map(seg, pos + needed.max(BATCH_HEADER_LEN) as u64, self.file.as_ref())?;
                     self.current = Some((Arc::clone(seg), map));
                 }
                 Err(e) => return Err(Error::corrupt(&seg.path, pos, e.to_string())),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::batch::{self, BATCH_ALIGN, BATCH_HEADER_LEN, DecodeError};
+use crate::batch::{self, BATCH_ALIGN, BATCH_HEADER_LEN, BatchHeader, DecodeError};
 use crate::error::{Error, Result};
 use crate::fs::{DirLock, LOCK_FILE, Storage, StorageFile, read_exact_at};
 use crate::index::{self, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
@@ -87,6 +87,10 @@ pub(crate) fn recover(
                 return Err(Error::NotFound { dir: dir.into() });
             }
             storage.create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+            // The new directory's own entry must survive a power cut too.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                storage.sync_dir(parent).map_err(|e| Error::io("fsync", parent, e))?;
+            }
         }
         Err(e) => return Err(Error::io("list", dir, e)),
     }
@@ -126,10 +130,10 @@ pub(crate) fn recover(
         let len = file.len().map_err(|e| Error::io("stat", &path, e))?;
         let header = match segment::read_header(file.as_ref(), &path, len) {
             // A damaged header on the last segment is a creation the crash tore,
-            // unless a batch stands behind it: a header is synced before any
-            // record in its segment is written, so then it is corruption.
+            // unless a valid batch is anywhere in the file: a header is synced
+            // before any record in its segment is written, so then it is rot.
             Err(e @ Error::Corrupt { .. }) => {
-                if batch_verifies_at(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, base, len)? {
+                if !survey(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, len)?.valid.is_empty() {
                     return Err(e);
                 }
                 HeaderCheck::Unwritten
@@ -146,7 +150,7 @@ pub(crate) fn recover(
                 ));
             }
             HeaderCheck::Unwritten => {
-                if batch_verifies_at(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, base, len)? {
+                if !survey(file.as_ref(), &path, SEGMENT_HEADER_LEN as u64, len)?.valid.is_empty() {
                     return Err(Error::corrupt(&path, 0, "segment without a header holds data"));
                 }
                 drop(file);
@@ -170,6 +174,10 @@ pub(crate) fn recover(
 
     let base = *bases.last().unwrap_or(&0);
     let (active, rebuilt) = recover_active(storage, dir, base, active_file, active_len, &mut report)?;
+    // The active segment's directory entry may be as unsynced as its data was
+    // (a crash between creating it and syncing the directory): records are
+    // about to be acknowledged in it.
+    storage.sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
     // Leftovers go last, so that an error above leaves them as they were.
     for p in temps {
         match storage.remove_file(&p) {
@@ -213,6 +221,7 @@ fn recover_active(
     // What the index file holds (it may be ahead of, behind, or unrelated to the data).
     let mut on_disk: Vec<IndexEntry> = Vec::new();
     let mut index_header_ok = false;
+    let mut on_disk_mark = None;
     if let Ok(f) = storage.open_read(&index_path) {
         let len = f.len().map_err(|e| Error::io("stat", &index_path, e))?;
         // Bounded: an active index holds at most one entry per interval of a segment.
@@ -223,6 +232,7 @@ fn recover_active(
                 // A sealed header on the last segment means a crash mid-roll: rewrite it as active.
                 index_header_ok = sealed.is_none();
                 on_disk = index::decode_entries(&buf[INDEX_HEADER_LEN..]);
+                on_disk_mark = index::synced_mark(&buf);
             }
             // The active index has no checksum to tell a newer walq from damage;
             // it is a cache of a v1 segment, so it is rebuilt.
@@ -242,15 +252,33 @@ fn recover_active(
             break;
         }
     }
-    let mut entries: Vec<IndexEntry> = on_disk[..valid].to_vec();
+    let ordered_entries = &on_disk[..valid];
+    let mut entries: Vec<IndexEntry> = ordered_entries.to_vec();
     let (mut start, mut expected) = (header_end, base);
     while let Some(e) = entries.last().copied() {
         let (pos, off) = (e.position as u64, base + e.relative as u64);
-        if batch_verifies_at(file.as_ref(), &path, pos, off, file_len)? {
-            (start, expected) = (pos, off);
+        if let Some(h) = batch_at(file.as_ref(), &path, pos, off, file_len)? {
+            // That batch is whole, but unsynced batches before it may be torn
+            // (writeback order is not write order). Only bytes below its
+            // durable_position were synced: scan from the last entry there.
+            entries.retain(|e| e.position as u64 <= h.durable_position);
+            if let Some(e) = entries.last() {
+                (start, expected) = (e.position as u64, base + e.relative as u64);
+            }
             break;
         }
         entries.pop();
+    }
+    // A synced mark (written at a clean close, and after every recovery) is
+    // a later safe start: everything below it was synced, and walq never
+    // writes below a synced position again.
+    if let Some(m) = on_disk_mark
+        && (m.position as u64) > start
+        && (m.position as u64) <= file_len
+        && m.next_offset >= expected
+    {
+        (start, expected) = (m.position as u64, m.next_offset);
+        entries = ordered_entries.iter().filter(|e| (e.position as u64) < start).copied().collect();
     }
     let last_indexed = entries.last().map_or(header_end, |e| e.position as u64);
 
@@ -294,10 +322,16 @@ fn recover_active(
     file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
     let file_len = file.len().map_err(|e| Error::io("stat", &path, e))?;
 
-    // Rewrite the active index when it differs from what the data says.
+    // Rewrite the active index when it differs from what the data says, or
+    // when its synced mark is not where the data, now all synced, ends.
     let rebuilt = !index_header_ok || entries.as_slice() != on_disk.as_slice();
-    if rebuilt {
-        let bytes = index::encode_file(base, &entries, None);
+    let mark =
+        u32::try_from(end).ok().map(|position| index::SyncedMark { next_offset: scan.next_offset, position });
+    if rebuilt || on_disk_mark != mark {
+        let bytes = match mark {
+            Some(m) => index::encode_active_file(base, &entries, m),
+            None => index::encode_file(base, &entries, None),
+        };
         log::write_file_atomic(storage, dir, &segment::index_name(base), &bytes)?;
     }
     let index_file = storage.open(&index_path, true).map_err(|e| Error::io("open", &index_path, e))?;
@@ -332,26 +366,74 @@ fn lock_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn DirLock>> {
     }
 }
 
-/// Whether a whole, valid batch with base offset `offset` starts at `pos`.
-fn batch_verifies_at(
+/// The header of the whole, valid batch with base offset `offset` (any, when
+/// `None`) that starts at `pos`, if there is one.
+fn batch_at(
     file: &dyn StorageFile,
     path: &Path,
     pos: u64,
-    offset: u64,
+    offset: impl Into<Option<u64>>,
     file_len: u64,
-) -> Result<bool> {
+) -> Result<Option<BatchHeader>> {
+    let offset = offset.into();
     if pos + BATCH_HEADER_LEN as u64 > file_len {
-        return Ok(false);
+        return Ok(None);
     }
     let mut head = [0u8; BATCH_HEADER_LEN];
     read_exact_at(file, &mut head, pos).map_err(|e| Error::io("read", path, e))?;
-    let Ok(h) = batch::peek_header(&head) else { return Ok(false) };
-    if h.base_offset != offset || pos + h.length as u64 > file_len {
-        return Ok(false);
+    let Ok(h) = batch::peek_header(&head) else { return Ok(None) };
+    if offset.is_some_and(|o| o != h.base_offset) || pos + h.length as u64 > file_len {
+        return Ok(None);
     }
     let mut buf = vec![0u8; h.length as usize];
     read_exact_at(file, &mut buf, pos).map_err(|e| Error::io("read", path, e))?;
-    Ok(batch::validate_batch(&buf, Some(offset)).is_ok())
+    Ok(batch::validate_batch(&buf, offset).ok())
+}
+
+/// What lies in a stretch of a segment: where its last non-zero byte ends
+/// (`None`: all zeros), and the valid batches found at 8-aligned positions.
+#[derive(Debug)]
+struct Survey {
+    garbage_end: Option<u64>,
+    valid: Vec<(u64, BatchHeader)>,
+}
+
+/// What `[from, file_len)` holds: where its last non-zero byte ends (None:
+/// all zeros), and every valid batch that starts at an 8-aligned position in
+/// it, whatever its offset.
+fn survey(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) -> Result<Survey> {
+    /// Bytes a magic check needs past a candidate position.
+    const MAGIC_END: u64 = 12;
+    let mut garbage_end = None;
+    let mut candidates = Vec::new();
+    let mut chunk = vec![0u8; TAIL_CHUNK_BYTES + MAGIC_END as usize];
+    let mut at = from;
+    while at < file_len {
+        let n = ((file_len - at) as usize).min(TAIL_CHUNK_BYTES);
+        // Read a little past the chunk, so a candidate at its very end is seen whole.
+        let read = ((file_len - at) as usize).min(n + MAGIC_END as usize);
+        read_exact_at(file, &mut chunk[..read], at).map_err(|e| Error::io("read", path, e))?;
+        if let Some(last) = chunk[..n].iter().rposition(|&b| b != 0) {
+            garbage_end = Some(at + last as u64 + 1);
+        }
+        // Batch starts are 8-aligned (relative to the segment start).
+        let mut q = at.next_multiple_of(BATCH_ALIGN as u64);
+        while q < at + n as u64 && q + MAGIC_END <= at + read as u64 {
+            let i = (q - at) as usize;
+            if chunk[i + 8..i + 12] == batch::BATCH_MAGIC.to_le_bytes() {
+                candidates.push(q);
+            }
+            q += BATCH_ALIGN as u64;
+        }
+        at += n as u64;
+    }
+    let mut valid = Vec::new();
+    for q in candidates {
+        if let Some(h) = batch_at(file, path, q, None, file_len)? {
+            valid.push((q, h));
+        }
+    }
+    Ok(Survey { garbage_end, valid })
 }
 
 /// What lies past the last batch that verified.
@@ -366,53 +448,23 @@ enum Tail {
     SyncedDataFollows { at: u64 },
 }
 
-/// Reads `[from, file_len)` in chunks: all zeros is a clean end; otherwise it
-/// looks for a valid batch whose `durable_position` says `from` was synced.
+/// Reads `[from, file_len)`: all zeros is a clean end; a valid batch whose
+/// `durable_position` says `from` was synced makes the damage corruption;
+/// anything else is a torn unsynced tail.
 fn classify_tail(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) -> Result<Tail> {
-    let mut garbage_end = None;
-    let mut records = 0u64;
-    let mut candidates = Vec::new();
-    let mut chunk = vec![0u8; TAIL_CHUNK_BYTES];
-    let mut at = from;
-    while at < file_len {
-        let n = ((file_len - at) as usize).min(chunk.len());
-        read_exact_at(file, &mut chunk[..n], at).map_err(|e| Error::io("read", path, e))?;
-        if let Some(last) = chunk[..n].iter().rposition(|&b| b != 0) {
-            garbage_end = Some(at + last as u64 + 1);
-        }
-        // Batch starts are 8-aligned; note every position whose magic matches.
-        let first = (at - from).div_ceil(BATCH_ALIGN as u64) * BATCH_ALIGN as u64 + from;
-        let mut q = first;
-        while q + 12 <= at + n as u64 {
-            let i = (q - at) as usize;
-            if chunk[i + 8..i + 12] == batch::BATCH_MAGIC.to_le_bytes() {
-                candidates.push(q);
-            }
-            q += BATCH_ALIGN as u64;
-        }
-        at += n as u64;
-    }
+    let Survey { garbage_end, valid } = survey(file, path, from, file_len)?;
     let Some(garbage_end) = garbage_end else { return Ok(Tail::Clean) };
-    for q in candidates {
+    if let Some(&(at, _)) = valid.iter().find(|(_, h)| h.durable_position > from) {
+        return Ok(Tail::SyncedDataFollows { at });
+    }
+    // Records lost with the cut: the failing batch's, if its header is still
+    // readable, and those of valid but unsynced batches after it.
+    let mut records: u64 = valid.iter().map(|(_, h)| h.record_count as u64).sum();
+    if !valid.iter().any(|(q, _)| *q == from) {
         let mut head = [0u8; BATCH_HEADER_LEN];
-        if q + BATCH_HEADER_LEN as u64 > file_len {
-            continue;
-        }
-        read_exact_at(file, &mut head, q).map_err(|e| Error::io("read", path, e))?;
-        let Ok(h) = batch::peek_header(&head) else { continue };
-        if q == from {
-            records += h.record_count as u64;
-        }
-        if q + h.length as u64 > file_len {
-            continue;
-        }
-        let mut buf = vec![0u8; h.length as usize];
-        read_exact_at(file, &mut buf, q).map_err(|e| Error::io("read", path, e))?;
-        if batch::verify_batch(&buf, None).is_ok() {
-            if h.durable_position > from {
-                return Ok(Tail::SyncedDataFollows { at: q });
-            }
-            if q != from {
+        if from + BATCH_HEADER_LEN as u64 <= file_len {
+            read_exact_at(file, &mut head, from).map_err(|e| Error::io("read", path, e))?;
+            if let Ok(h) = batch::peek_header(&head) {
                 records += h.record_count as u64;
             }
         }

@@ -212,6 +212,24 @@ impl Writer {
         Ok(self.durable)
     }
 
+    /// Records in the active index's header that everything written so far
+    /// is synced, so the next open starts its scan there (a clean close).
+    /// Best effort: the index is a cache, and without the mark the next open
+    /// only scans more.
+    pub(crate) fn mark_synced(&mut self) {
+        if self.poisoned || self.synced_pos != self.pos {
+            return;
+        }
+        let Ok(position) = u32::try_from(self.pos) else { return };
+        let mark = index::SyncedMark { next_offset: self.durable, position };
+        let header = index::encode_active_header(self.active.base, Some(mark));
+        let result =
+            write_all_at(self.index_file.as_ref(), &header, 0).and_then(|()| self.index_file.sync_data());
+        if let Err(e) = result {
+            tracing::warn!(index = %self.active.index_path.display(), error = %e, "could not mark the index synced");
+        }
+    }
+
     /// Seals the active segment and starts the next one. The old segment is
     /// synced and its index written before the new segment exists; the new one
     /// and its directory entry are synced before any record in it is written.

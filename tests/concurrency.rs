@@ -197,3 +197,42 @@ fn one_producer_leads_its_own_sync_without_a_background_thread() {
     assert_eq!((stats.syncs, stats.records_per_sync_last), (50, 1));
     assert!(stats.sync_micros_p50 <= stats.sync_micros_p99 && stats.sync_micros_p99 <= stats.sync_micros_max);
 }
+
+#[test]
+fn concurrent_retention_removes_each_segment_once_and_never_the_active_one() {
+    // Regression (review): two `remove_before` calls both chose the oldest
+    // segment; the second removed whatever was first by then.
+    for seed in 0..200u64 {
+        let disk = SimDisk::new(seed);
+        let q = Arc::new(
+            Queue::builder(sim_dir())
+                .segment_bytes(4096)
+                .preallocate_bytes(0)
+                .simulated(&disk)
+                .open()
+                .unwrap(),
+        );
+        while q.stats().segments < 2 {
+            q.append(&[7; 200]).unwrap();
+        }
+        q.append(b"in the active segment").unwrap();
+        let last = q.next_offset() - 1;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let results: Vec<usize> = (0..2)
+            .map(|_| {
+                let (q, b) = (Arc::clone(&q), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    b.wait();
+                    q.remove_before(last).unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(results.iter().sum::<usize>(), 1, "seed {seed}: {results:?}");
+        assert_eq!(q.stats().segments, 1);
+        let mut r = q.read_from(last).unwrap();
+        assert_eq!(r.next().unwrap().unwrap().value(), b"in the active segment");
+    }
+}

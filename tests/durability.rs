@@ -96,6 +96,40 @@ fn acknowledged_appends_survive_a_power_cut_after_every_storage_call() {
     }
 }
 
+#[test]
+fn acknowledged_appends_survive_kill_9_at_any_call_then_a_power_cut_after_reopen() {
+    // kill -9 keeps the page cache and unsynced directory entries; a reopen
+    // adopts them, acknowledges more appends, and then the power fails: what
+    // the reopened queue acknowledged must survive (its segment's directory
+    // entry included).
+    let counter = SimDisk::new(0);
+    fixed_workload(&counter, &mut Model::default());
+    let calls = counter.ops();
+    for k in 0..=calls {
+        for s in 0..4 {
+            let disk = SimDisk::new(k * 100 + s);
+            let mut model = Model::default();
+            disk.halt_after(k);
+            fixed_workload(&disk, &mut model);
+            disk.crash_keep_all();
+            let context = format!("kill -9 after call {k}, seed {s}");
+            let queue = open(&disk).unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
+            model.check(&queue, &context);
+            for i in 0..3 {
+                let v = value_for(model.attempted.len() as u64, 9, 50 + i * 400);
+                model.attempted.push(v.clone());
+                queue.append(&v).unwrap_or_else(|e| panic!("{context}: append after reopen: {e}"));
+                model.durable = model.attempted.len() as u64;
+            }
+            disk.halt_after(0);
+            drop(queue);
+            disk.crash();
+            let queue = open(&disk).unwrap_or_else(|e| panic!("{context}: reopen after power cut: {e}"));
+            model.check(&queue, &format!("{context}, then power cut"));
+        }
+    }
+}
+
 /// One random step of the big randomized workload.
 fn random_run(seed: u64, steps: u64) -> u64 {
     let disk = SimDisk::new(seed);

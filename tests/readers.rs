@@ -686,3 +686,45 @@ fn a_reader_on_a_simulated_disk_sees_records_appended_after_it_mapped_the_segmen
     assert!(matches!(&got, Ok(Some((1, v))) if v == b"b"), "a fresh reader: {got:?}");
     Ok(())
 }
+
+#[test]
+fn retention_frees_the_space_of_segments_readers_have_left() {
+    // Regression (review): removed segments stayed in the map cache, so their
+    // unlinked files kept their blocks until evicted.
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::builder(dir.path()).segment_bytes(4096).preallocate_bytes(0).open().unwrap();
+    for i in 0..400u32 {
+        q.append(&[(i % 250) as u8; 200]).unwrap();
+    }
+    {
+        let mut r = q.read_from(0).unwrap();
+        while r.next().unwrap().is_some() {}
+    }
+    let removed = q.remove_before(q.next_offset()).unwrap();
+    assert!(removed > 10);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let dir_name = dir.path().to_str().unwrap();
+    let deleted = maps.lines().filter(|l| l.contains(dir_name) && l.contains("(deleted)")).count();
+    assert_eq!(deleted, 0, "{removed} segments removed but {deleted} still mapped");
+}
+
+#[test]
+fn a_reader_inside_a_removed_segment_remaps_it_through_its_own_handle() {
+    // Regression (review): the reader mapped the segment while it was active
+    // and short; after the roll and its removal, remapping by path failed.
+    let disk = SimDisk::new(1);
+    let q = Queue::builder("/q").segment_bytes(4096).preallocate_bytes(0).simulated(&disk).open().unwrap();
+    q.append(&[1; 100]).unwrap();
+    let mut r = q.read_from(0).unwrap();
+    assert!(r.next().unwrap().is_some());
+    while q.stats().rolls == 0 {
+        q.append(&[2; 100]).unwrap();
+    }
+    assert_eq!(q.remove_before(q.next_offset() - 1).unwrap(), 1);
+    let mut n = 1;
+    while let Some(rec) = r.next().unwrap() {
+        assert_eq!(rec.offset(), n);
+        n += 1;
+    }
+    assert_eq!(n, q.next_offset());
+}
