@@ -4,7 +4,8 @@
 //! Groups: `append/sync/{100B,1KiB,64KiB}`, `append/os/{100B,1KiB,64KiB}`,
 //! `append/producers/{1,4,8,16,64}/{100B,1KiB,64KiB}` (durable appends from
 //! that many threads: group commit), `append/producers_dedicated_flusher/*`
-//! (the same with the background thread always flushing), `append/batch/1MiB`
+//! (the same with the background thread always flushing),
+//! `append/producers_sector_padded/*` (batches padded to 4 KiB), `append/batch/1MiB`
 //! (bytes/s), `append/async_tasks/{64,256}/1KiB` (feature `async`),
 //! (records/s), and `append/sync_latency/1KiB`, which prints p50, p99 and
 //! mean latency, throughput and their product (Little's law: the mean number
@@ -211,16 +212,18 @@ fn run_producers(queue: &Queue, producers: usize, iters: u64, value: &[u8]) -> R
 /// measure that design choice.
 fn append_producers(c: &mut Criterion) {
     const SAMPLES: usize = 10;
-    for (mode, lead, counts, sizes) in [
-        ("producers", true, &[1usize, 4, 8, 16, 64][..], &SIZES[..]),
-        ("producers_dedicated_flusher", false, &[1usize, 8, 64][..], &SIZES[1..2]),
+    for (mode, lead, pad, counts, sizes) in [
+        ("producers", true, false, &[1usize, 4, 8, 16, 64][..], &SIZES[..]),
+        ("producers_dedicated_flusher", false, false, &[1usize, 8, 64][..], &SIZES[1..2]),
+        ("producers_sector_padded", true, true, &[1usize, 8, 64][..], &SIZES[..2]),
     ] {
         let mut group = c.benchmark_group(format!("append/{mode}"));
         group.throughput(Throughput::Elements(1)).sample_size(SAMPLES);
         for &producers in counts {
             for &(label, size) in sizes {
                 let dir = bench_dir("append-producers");
-                let queue = Queue::builder(dir.path()).producers_lead(lead).open().expect("open");
+                let queue =
+                    Queue::builder(dir.path()).producers_lead(lead).pad_to_sectors(pad).open().expect("open");
                 let value = value(size);
                 let runs: RefCell<Vec<Run>> = RefCell::new(Vec::new());
                 let id = format!("{producers}/{label}");

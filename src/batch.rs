@@ -11,14 +11,17 @@ use std::fmt;
 //   4   4    crc               CRC-32C (Castagnoli) of bytes [8, length)
 //   8   4    magic             b"WLQB"
 //   12  1    version           FORMAT_VERSION
-//   13  1    flags             0 in v1
+//   13  1    flags             0, or FLAG_SECTOR_PADDED
 //   14  2    reserved          0
 //   16  8    base_offset       offset of the first record
 //   24  8    base_timestamp    ms since the Unix epoch of the first record
 //   32  4    record_count      >= 1
 //   36  4    records_len       bytes of records after the header
 //   40  8    durable_position  segment position already fdatasync'd when this batch was written
-// then records_len bytes of records, then 0..=7 zero bytes of padding up to `length`.
+// then records_len bytes of records, then zero bytes of padding up to `length`:
+// 0..=7 of them, or with FLAG_SECTOR_PADDED up to SECTOR_BYTES - 1, so that the
+// batch ends on a sector boundary of its file and no later write shares a
+// sector with it (for disks that may tear a sector rewrite).
 
 /// The batch format version this build writes and reads.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -26,6 +29,12 @@ pub(crate) const FORMAT_VERSION: u8 = 1;
 pub(crate) const BATCH_HEADER_LEN: usize = 48;
 /// Every batch length is a multiple of this, so the next header starts aligned.
 pub(crate) const BATCH_ALIGN: usize = 8;
+/// Flag: the padding runs to the next [`SECTOR_BYTES`] boundary of the file.
+pub(crate) const FLAG_SECTOR_PADDED: u8 = 1;
+/// The sector size sector padding aligns to: the largest common one (4Kn
+/// disks, and the page size the kernel writes back).
+pub(crate) const SECTOR_BYTES: usize = 4096;
+const _: () = assert!(SECTOR_BYTES.is_multiple_of(BATCH_ALIGN));
 /// `b"WLQB"` read as a little-endian u32.
 pub(crate) const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"WLQB");
 /// Hard limit on one batch, header and padding included.
@@ -249,9 +258,11 @@ fn check_header_fields(
     batch: &[u8],
 ) -> Result<(), DecodeError> {
     let bad = |reason| Err(DecodeError::BadHeader { reason });
-    if fixed[FLAGS_AT] != 0 {
-        return bad("flags are not zero");
-    }
+    let padded = match fixed[FLAGS_AT] {
+        0 => false,
+        FLAG_SECTOR_PADDED => true,
+        _ => return bad("unknown flags"),
+    };
     if fixed[RESERVED_AT] != 0 || fixed[RESERVED_AT + 1] != 0 {
         return bad("reserved bytes are not zero");
     }
@@ -265,7 +276,7 @@ fn check_header_fields(
         return bad("records_len runs past the batch length");
     }
     let padding = &batch[BATCH_HEADER_LEN + records_len..];
-    if padding.len() >= BATCH_ALIGN {
+    if padding.len() >= if padded { SECTOR_BYTES } else { BATCH_ALIGN } {
         return bad("padding is 8 bytes or more");
     }
     if padding.iter().any(|&b| b != 0) {
@@ -673,8 +684,29 @@ impl BatchBuilder {
     ///
     /// Panics if no record was pushed: an empty batch is not a valid batch.
     pub fn seal(&mut self, durable_position: u64) -> &[u8] {
+        self.seal_with(durable_position, None)
+    }
+
+    /// Bytes the sealed batch takes when padded to end on a sector boundary,
+    /// starting at file position `pos` (8-aligned).
+    pub fn padded_len(&self, pos: u64) -> usize {
+        let end = (pos as usize).saturating_add(self.encoded_len()).next_multiple_of(SECTOR_BYTES);
+        end.saturating_sub(pos as usize)
+    }
+
+    /// [`seal`](BatchBuilder::seal), padded with zeros so that a batch written
+    /// at file position `pos` ends on a [`SECTOR_BYTES`] boundary.
+    pub fn seal_padded(&mut self, durable_position: u64, pos: u64) -> &[u8] {
+        self.seal_with(durable_position, Some(pos))
+    }
+
+    fn seal_with(&mut self, durable_position: u64, padded_at: Option<u64>) -> &[u8] {
         assert!(!self.is_empty(), "seal of an empty batch");
-        let length = self.encoded_len();
+        let length = match padded_at {
+            Some(pos) => self.padded_len(pos),
+            None => self.encoded_len(),
+        };
+        assert!(length <= BATCH_BYTES_MAX, "a padded batch past BATCH_BYTES_MAX");
         self.buf.truncate(BATCH_HEADER_LEN + self.records_len);
         self.buf.resize(length, 0);
 
@@ -683,7 +715,7 @@ impl BatchBuilder {
         header[LENGTH_AT..LENGTH_AT + 4].copy_from_slice(&(length as u32).to_le_bytes());
         header[MAGIC_AT..MAGIC_AT + 4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
         header[VERSION_AT] = FORMAT_VERSION;
-        header[FLAGS_AT] = 0;
+        header[FLAGS_AT] = if padded_at.is_some() { FLAG_SECTOR_PADDED } else { 0 };
         header[RESERVED_AT..RESERVED_AT + 2].fill(0);
         header[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&self.base_offset.to_le_bytes());
         header[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&self.base_timestamp.to_le_bytes());
@@ -1094,6 +1126,39 @@ mod tests {
     }
 
     #[test]
+    fn sector_padded_batches_end_on_a_sector_boundary_and_verify() {
+        for pos in [32u64, 40, 4088, 4096, 12_344] {
+            let mut b = BatchBuilder::new();
+            b.reset(7);
+            b.push(Some(b"k"), &[(b"h", b"v")], b"value", 1_000);
+            let len = b.padded_len(pos);
+            let batch = b.seal_padded(0, pos).to_vec();
+            assert_eq!(batch.len(), len);
+            assert_eq!((pos as usize + len) % SECTOR_BYTES, 0, "at {pos}");
+            assert_eq!(batch[FLAGS_AT], FLAG_SECTOR_PADDED);
+            let h = validate_batch(&batch, Some(7)).unwrap();
+            assert_eq!(h.len(), len);
+            let got: Vec<_> = records(&batch, &h).map(|r| r.unwrap().value.to_vec()).collect();
+            assert_eq!(got, vec![b"value".to_vec()]);
+            if len - BATCH_HEADER_LEN - h.records_len as usize >= BATCH_ALIGN {
+                // Without the flag, that much padding is damage.
+                let mut unflagged = batch.clone();
+                unflagged[FLAGS_AT] = 0;
+                reseal(&mut unflagged);
+                assert!(matches!(verify_batch(&unflagged, None), Err(DecodeError::BadHeader { .. })));
+            }
+            let mut dirty = batch.clone();
+            let last = dirty.len() - 1;
+            dirty[last] = 9;
+            reseal(&mut dirty);
+            assert_eq!(
+                verify_batch(&dirty, None),
+                Err(DecodeError::BadHeader { reason: "padding is not zero" })
+            );
+        }
+    }
+
+    #[test]
     fn bad_magic_with_valid_checksum() {
         let mut batch = samples().remove(0);
         batch[8..12].copy_from_slice(b"WLQA");
@@ -1109,7 +1174,7 @@ mod tests {
         // Each edit gets the batch and its records_len.
         type Edit = fn(&mut [u8], u32);
         let edits: [(&str, Edit); 8] = [
-            ("flags are not zero", |b, _| b[FLAGS_AT] = 1),
+            ("unknown flags", |b, _| b[FLAGS_AT] = 2),
             ("reserved bytes are not zero", |b, _| b[RESERVED_AT + 1] = 1),
             ("record_count is zero", |b, _| b[32..36].fill(0)),
             ("records_len runs past the batch length", |b, _| {
@@ -1271,7 +1336,7 @@ mod tests {
             DecodeError::Checksum { stored: 1, computed: 2 },
             DecodeError::BadMagic { found: 0 },
             DecodeError::UnsupportedVersion { found: 2 },
-            DecodeError::BadHeader { reason: "flags are not zero" },
+            DecodeError::BadHeader { reason: "unknown flags" },
             DecodeError::UnexpectedOffset { expected: 1, found: 2 },
             DecodeError::BadRecord { index: 3, reason: "value runs past the record body" },
         ];

@@ -9,10 +9,21 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::Waker;
-use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+// The model check at the bottom of this file swaps in loom's locks, condvar
+// and threads; everything else is the same code either way.
+#[cfg(not(all(test, walq_loom)))]
+use std::{
+    sync::{Condvar, Mutex, MutexGuard},
+    thread,
+};
+#[cfg(all(test, walq_loom))]
+use {
+    loom::sync::{Condvar, Mutex, MutexGuard},
+    loom_model::thread,
+};
 
 use crate::batch::BatchBuilder;
 use crate::config::{Durability, OS_WRITE_DELAY};
@@ -38,16 +49,49 @@ pub(crate) struct FlushConfig {
     pub producers_lead: bool,
 }
 
+/// What a round needs from the log's tail: the [`Writer`], or the loom
+/// model's fake. The contract is the writer's: batches are written in offset
+/// order, `sync` covers everything written, and after an error every call fails.
+pub(crate) trait FlushIo: Send + 'static {
+    /// Offset after the last record written.
+    fn written(&self) -> u64;
+    fn write_batch(&mut self, batch: &mut BatchBuilder) -> Result<()>;
+    /// Returns the new durable offset.
+    fn sync(&mut self) -> Result<u64>;
+    /// Segment rolls so far (for [`crate::Stats`]).
+    fn rolls(&self) -> u64;
+    /// Best effort, on a clean close: see [`Writer::mark_synced`].
+    fn mark_synced(&mut self);
+}
+
+impl FlushIo for Writer {
+    fn written(&self) -> u64 {
+        Writer::written(self)
+    }
+    fn write_batch(&mut self, batch: &mut BatchBuilder) -> Result<()> {
+        Writer::write_batch(self, batch)
+    }
+    fn sync(&mut self) -> Result<u64> {
+        Writer::sync(self)
+    }
+    fn rolls(&self) -> u64 {
+        self.counters.rolls
+    }
+    fn mark_synced(&mut self) {
+        Writer::mark_synced(self)
+    }
+}
+
 /// The group-commit machinery shared by the queue and its background thread.
 #[derive(Debug)]
-pub(crate) struct Flush {
+pub(crate) struct Flush<W = Writer> {
     state: Mutex<State>,
     /// The active segment's I/O; held only by the flusher of the round.
-    io: Mutex<Writer>,
+    io: Mutex<W>,
     /// The background thread waits here for timers and async waiters.
     work: Condvar,
     cfg: FlushConfig,
-    background: Mutex<Option<JoinHandle<()>>>,
+    background: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -116,7 +160,7 @@ enum Outcome {
 
 #[derive(Debug)]
 enum Wake {
-    Thread(Thread),
+    Thread(thread::Thread),
     #[cfg_attr(not(feature = "async"), allow(dead_code))]
     Task(Option<Waker>),
 }
@@ -157,7 +201,7 @@ impl Waiter {
                     return std::mem::replace(&mut slot.outcome, Outcome::Pending);
                 }
             }
-            std::thread::park();
+            thread::park();
         }
     }
 
@@ -176,8 +220,8 @@ impl Waiter {
     }
 }
 
-impl Flush {
-    pub(crate) fn new(io: Writer, cfg: FlushConfig) -> Flush {
+impl<W: FlushIo> Flush<W> {
+    pub(crate) fn new(io: W, cfg: FlushConfig) -> Flush<W> {
         let next = io.written();
         Flush {
             state: Mutex::new(State {
@@ -325,7 +369,7 @@ impl Flush {
         if !st.flushing && self.cfg.producers_lead {
             return self.lead(st, true).1;
         }
-        let waiter = Waiter::new(target, Wake::Thread(std::thread::current()));
+        let waiter = Waiter::new(target, Wake::Thread(thread::current()));
         st.waiters.push_back(Arc::clone(&waiter));
         let wake = !st.flushing;
         if wake {
@@ -363,7 +407,7 @@ impl Flush {
         if sync && !self.cfg.linger.is_zero() {
             // Let more producers join this round; `flushing` keeps others from leading.
             drop(st);
-            std::thread::sleep(self.cfg.linger);
+            pause(self.cfg.linger);
             st = self.lock();
         }
         let mut batches = std::mem::take(&mut st.pending);
@@ -383,11 +427,12 @@ impl Flush {
             if result.is_ok() && sync {
                 result = io.sync().map(|_| ());
             }
-            (result, io.written(), io.counters.rolls)
+            (result, io.written(), io.rolls())
         };
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
 
         let mut st = self.lock();
+        debug_assert!(st.flushing, "only the round in flight ends it");
         st.flushing = false;
         st.stats.batches += batches.len() as u64;
         st.stats.rolls = rolls;
@@ -463,7 +508,7 @@ impl Flush {
             st.background_started = true;
             drop(st);
             let me = Arc::clone(self);
-            match std::thread::Builder::new().name("walq-flusher".into()).spawn(move || me.background()) {
+            match thread::Builder::new().name("walq-flusher".into()).spawn(move || me.background()) {
                 Ok(handle) => *self.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
                 Err(e) => tracing::error!(error = %e, "could not start the background flusher; call flush()"),
             }
@@ -531,7 +576,7 @@ impl Flush {
                 return result;
             }
             drop(st);
-            std::thread::sleep(Duration::from_micros(50));
+            pause(Duration::from_micros(50));
         }
     }
 
@@ -567,7 +612,353 @@ impl Flush {
     }
 }
 
+/// Sleeps; under loom, yields instead (its scheduler has no clock, and a
+/// sleep there would spin without letting another thread run).
+fn pause(d: Duration) {
+    #[cfg(not(all(test, walq_loom)))]
+    thread::sleep(d);
+    #[cfg(all(test, walq_loom))]
+    {
+        let _ = d;
+        thread::yield_now();
+    }
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn wall_clock_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A loom model check of the protocol above: the real `Flush`, on loom's
+/// locks, condvar and threads, over a fake tail that checks every write and
+/// sync. Loom runs each scenario in every interleaving (up to a preemption
+/// bound) and fails on a broken assertion, a deadlock or a lost wake-up.
+/// Run as `.ci/run` does (debug assertions on, for the one in `lead`):
+/// `RUSTFLAGS="--cfg walq_loom -C debug-assertions" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_model`.
+#[cfg(all(test, walq_loom))]
+mod loom_model {
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// `std::thread` as the protocol uses it, on loom's threads. Parking is
+    /// rebuilt on a loom mutex and condvar because loom's `Thread::unpark`
+    /// also wakes a thread blocked on a mutex (tokio-rs/loom#249), which
+    /// std's never does; this keeps std's token semantics.
+    pub(super) mod thread {
+        use std::sync::Arc;
+
+        use loom::sync::{Condvar, Mutex};
+        pub(crate) use loom::thread::{Builder, JoinHandle, spawn, yield_now};
+
+        #[derive(Debug, Clone)]
+        pub(crate) struct Thread(Arc<Token>);
+
+        #[derive(Debug)]
+        struct Token {
+            available: Mutex<bool>,
+            unparked: Condvar,
+        }
+
+        loom::thread_local! {
+            static CURRENT: Thread =
+                Thread(Arc::new(Token { available: Mutex::new(false), unparked: Condvar::new() }));
+        }
+
+        impl Thread {
+            pub(crate) fn unpark(&self) {
+                *self.0.available.lock().unwrap() = true;
+                self.0.unparked.notify_one();
+            }
+        }
+
+        pub(crate) fn current() -> Thread {
+            CURRENT.with(Thread::clone)
+        }
+
+        pub(crate) fn park() {
+            let me = current();
+            let mut available = me.0.available.lock().unwrap();
+            while !*available {
+                available = me.0.unparked.wait(available).unwrap();
+            }
+            *available = false;
+        }
+    }
+
+    /// The log's tail reduced to offsets: it asserts that every record is
+    /// written exactly once and in order, and that a sync follows writes.
+    #[derive(Debug, Default)]
+    struct FakeIo {
+        written: u64,
+        durable: u64,
+        /// Batches written since the last sync.
+        unsynced: u32,
+        syncs: u32,
+        /// This sync (counting from 1) fails, and the fake is dead after it.
+        fail_sync: Option<u32>,
+        failed: bool,
+    }
+
+    impl FlushIo for FakeIo {
+        fn written(&self) -> u64 {
+            self.written
+        }
+
+        fn write_batch(&mut self, batch: &mut BatchBuilder) -> Result<()> {
+            assert!(!self.failed, "a round started after a failed one");
+            assert!(!batch.is_empty(), "a round wrote an empty batch");
+            assert_eq!(batch.base_offset(), self.written, "records are written once each, in offset order");
+            self.written = batch.next_offset();
+            self.unsynced += 1;
+            Ok(())
+        }
+
+        fn sync(&mut self) -> Result<u64> {
+            assert!(!self.failed, "a round started after a failed one");
+            assert!(self.unsynced > 0, "a round synced without writing");
+            self.unsynced = 0;
+            self.syncs += 1;
+            if self.fail_sync == Some(self.syncs) {
+                self.failed = true;
+                return Err(Error::io("fdatasync", "model", io::Error::other("injected")));
+            }
+            self.durable = self.written;
+            Ok(self.durable)
+        }
+
+        fn rolls(&self) -> u64 {
+            0
+        }
+
+        fn mark_synced(&mut self) {}
+    }
+
+    /// The preemption bound of the scenarios with three or more threads,
+    /// which are too many to run in every interleaving; keeps each to seconds.
+    const PREEMPTIONS: Option<usize> = Some(4);
+
+    /// Runs `scenario` in every interleaving with at most `preemptions`
+    /// preemptions (`None`: all of them; `LOOM_MAX_PREEMPTIONS` overrides),
+    /// and reports how many there were.
+    fn check(name: &str, preemptions: Option<usize>, scenario: impl Fn() + Send + Sync + 'static) {
+        let mut builder = loom::model::Builder::new();
+        if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+            builder.preemption_bound = preemptions;
+        }
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&runs);
+        let started = Instant::now();
+        builder.check(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            scenario();
+        });
+        let runs = runs.load(Ordering::Relaxed);
+        eprintln!("loom_model::{name}: {runs} interleavings in {:.1?}", started.elapsed());
+    }
+
+    fn new_flush(io: FakeIo, producers_lead: bool) -> Arc<Flush<FakeIo>> {
+        let cfg = FlushConfig {
+            max_record_bytes: 1 << 10,
+            write_buffer_bytes: 1 << 20,
+            // Every record opens its own batch, so a round writes several.
+            batch_bytes_max: 0,
+            linger: Duration::ZERO,
+            producers_lead,
+        };
+        Arc::new(Flush::new(io, cfg))
+    }
+
+    fn io(flush: &Flush<FakeIo>) -> MutexGuard<'_, FakeIo> {
+        flush.io.lock().unwrap()
+    }
+
+    /// One `Sync` append of one record; an acknowledgement must find it durable.
+    fn append_sync(flush: &Arc<Flush<FakeIo>>) -> Result<Range<u64>> {
+        let result = flush.append(&[Record::new(b"m").timestamp_ms(0)], Durability::Sync);
+        if let Ok(range) = &result {
+            assert_eq!(range.end - range.start, 1);
+            assert!(io(flush).durable >= range.end, "acknowledged {range:?} before it was durable");
+        }
+        result
+    }
+
+    /// `flush()`: everything appended before the call is durable when it returns.
+    fn flush_all(flush: &Arc<Flush<FakeIo>>) -> Result<()> {
+        let before = flush.next_offset();
+        let result = flush.flush();
+        if result.is_ok() {
+            assert!(io(flush).durable >= before, "flush returned before offset {before} was durable");
+        }
+        result
+    }
+
+    /// After every call returned: no round in flight, nobody left waiting,
+    /// and the watermarks agree with the fake.
+    fn assert_quiet(flush: &Flush<FakeIo>) {
+        let st = flush.lock();
+        let io = io(flush);
+        assert!(!st.flushing, "a round is left in flight");
+        assert!(st.waiters.is_empty(), "a waiter was never completed");
+        assert!(st.pending.is_empty() && st.pending_bytes == 0, "records are left pending");
+        assert_eq!(st.written, io.written);
+        assert_eq!(st.durable, io.durable);
+        assert!(st.poisoned || st.next_offset == io.durable, "an appended record is not durable");
+        assert_eq!(st.poisoned, io.failed);
+    }
+
+    /// `producers` threads each append one record with `Sync` (and, with
+    /// `flush_too`, the main thread calls `flush()` meanwhile). Returns the
+    /// appends' results in thread order.
+    fn run_producers(
+        flush: &Arc<Flush<FakeIo>>,
+        producers: usize,
+        flush_too: bool,
+    ) -> (Vec<Result<Range<u64>>>, Option<Result<()>>) {
+        let handles: Vec<_> = (0..producers)
+            .map(|_| {
+                let flush = Arc::clone(flush);
+                thread::spawn(move || append_sync(&flush))
+            })
+            .collect();
+        let flushed = flush_too.then(|| flush_all(flush));
+        let appended = handles.into_iter().map(|h| h.join().expect("a producer panicked")).collect();
+        (appended, flushed)
+    }
+
+    /// Every append succeeds, offsets are unique and contiguous, and every
+    /// record is durable once all calls returned.
+    fn all_acknowledged(producers: usize, flush_too: bool) {
+        let flush = new_flush(FakeIo::default(), true);
+        let (appended, flushed) = run_producers(&flush, producers, flush_too);
+        let mut offsets: Vec<u64> = appended.into_iter().map(|r| r.expect("append failed").start).collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..producers as u64).collect::<Vec<_>>());
+        if let Some(r) = flushed {
+            r.expect("flush failed");
+        }
+        assert_quiet(&flush);
+        let io = io(&flush);
+        assert_eq!(io.durable, producers as u64);
+        assert!(io.syncs >= 1 && io.syncs as usize <= producers);
+    }
+
+    #[test]
+    fn loom_two_sync_producers() {
+        check("two_sync_producers", None, || all_acknowledged(2, false));
+    }
+
+    #[test]
+    fn loom_three_sync_producers() {
+        check("three_sync_producers", PREEMPTIONS, || all_acknowledged(3, false));
+    }
+
+    #[test]
+    fn loom_two_sync_producers_and_a_flush() {
+        check("two_sync_producers_and_a_flush", PREEMPTIONS, || all_acknowledged(2, true));
+    }
+
+    /// Sync number `fail_sync` fails: the appends whose records it covered
+    /// get its error, every other unacknowledged call `Poisoned`, nobody
+    /// hangs, and every later call is `Poisoned`.
+    fn failure_latches(producers: usize, flush_too: bool, fail_sync: u32) {
+        let flush = new_flush(FakeIo { fail_sync: Some(fail_sync), ..FakeIo::default() }, true);
+        let (appended, flushed) = run_producers(&flush, producers, flush_too);
+        assert_quiet(&flush);
+        let (written, durable, failed) = {
+            let io = io(&flush);
+            (io.written, io.durable, io.failed)
+        };
+        let count =
+            |wanted: fn(&Result<Range<u64>>) -> bool| appended.iter().filter(|r| wanted(r)).count() as u64;
+        // One record per append: the acknowledged ones are exactly those made
+        // durable before the failure, and the failed round's own get its error.
+        assert_eq!(count(|r| r.is_ok()), durable);
+        assert_eq!(
+            count(|r| matches!(r, Err(Error::Io { .. }))),
+            written - durable,
+            "the failed round's error"
+        );
+        assert_eq!(count(|r| matches!(r, Err(Error::Poisoned))), producers as u64 - written, "Poisoned");
+        match &flushed {
+            None | Some(Ok(())) => {}
+            Some(Err(e)) => assert!(failed && matches!(e, Error::Io { .. } | Error::Poisoned), "flush: {e}"),
+        }
+        assert!(failed || fail_sync > 1, "the first sync never happened");
+        if failed {
+            assert!(matches!(append_sync(&flush), Err(Error::Poisoned)));
+            assert!(matches!(flush.flush(), Err(Error::Poisoned)));
+        }
+    }
+
+    #[test]
+    fn loom_first_sync_fails_two_producers() {
+        check("first_sync_fails_two_producers", None, || failure_latches(2, false, 1));
+    }
+
+    #[test]
+    fn loom_first_sync_fails_three_producers() {
+        check("first_sync_fails_three_producers", PREEMPTIONS, || failure_latches(3, false, 1));
+    }
+
+    #[test]
+    fn loom_second_sync_fails_two_producers_and_a_flush() {
+        check("second_sync_fails_two_producers_and_a_flush", PREEMPTIONS, || failure_latches(2, true, 2));
+    }
+
+    /// `producers_lead = false`: the background thread leads every round.
+    #[test]
+    fn loom_background_leads() {
+        check("background_leads", PREEMPTIONS, || {
+            let flush = new_flush(FakeIo::default(), false);
+            let (appended, _) = run_producers(&flush, 2, false);
+            for r in appended {
+                r.expect("append failed");
+            }
+            flush.stop_background();
+            assert_quiet(&flush);
+        });
+    }
+
+    /// A `Sync` producer and an async append (`append_waiter`, polled as a
+    /// future would be), in every order: when the second joins the first
+    /// one's round, the lead passes from a producer to the background thread
+    /// or back, and the task is woken.
+    fn sync_and_async(fail_sync: Option<u32>) {
+        let flush = new_flush(FakeIo { fail_sync, ..FakeIo::default() }, true);
+        let producer = {
+            let flush = Arc::clone(&flush);
+            thread::spawn(move || append_sync(&flush))
+        };
+        let records = [Record::new(b"a").timestamp_ms(0)];
+        let awaited = flush.append_waiter(&records, Durability::Sync).and_then(|(range, waiter)| {
+            let waiter = waiter.expect("a Sync append waits");
+            loom::future::block_on(std::future::poll_fn(|cx| match waiter.poll(cx.waker()) {
+                Some(r) => std::task::Poll::Ready(r),
+                None => std::task::Poll::Pending,
+            }))?;
+            assert!(io(&flush).durable >= range.end, "acknowledged {range:?} before it was durable");
+            Ok(range)
+        });
+        let produced = producer.join().expect("the producer panicked");
+        flush.stop_background();
+        assert_quiet(&flush);
+        if fail_sync == Some(1) {
+            assert!(awaited.is_err() && produced.is_err(), "a call succeeded although the first sync failed");
+        } else {
+            awaited.expect("async append failed");
+            produced.expect("append failed");
+        }
+    }
+
+    #[test]
+    fn loom_sync_and_async() {
+        check("sync_and_async", PREEMPTIONS, || sync_and_async(None));
+    }
+
+    #[test]
+    fn loom_first_sync_fails_sync_and_async() {
+        check("first_sync_fails_sync_and_async", PREEMPTIONS, || sync_and_async(Some(1)));
+    }
 }

@@ -446,6 +446,9 @@ struct State {
     fired: BTreeMap<String, u64>,
     /// How long every `sync_data` takes (a slow disk), slept outside the lock.
     sync_delay: std::time::Duration,
+    /// When false, a power cut may also ruin durable bytes that share a
+    /// 4 KiB sector with an unsynced write (a torn sector rewrite).
+    power_safe_overwrite: bool,
 }
 
 #[derive(Default)]
@@ -556,6 +559,9 @@ fn write_into(content: &mut Vec<u8>, pos: usize, data: &[u8]) {
     }
     content[pos..end].copy_from_slice(data);
 }
+
+/// The sector a disk without power-safe overwrite may tear as a whole.
+const TORN_SECTOR_BYTES: usize = 4096;
 
 /// Splits [pos, pos + len) at sector boundaries.
 fn sector_pieces(pos: usize, len: usize) -> Vec<std::ops::Range<usize>> {
@@ -821,6 +827,23 @@ impl State {
             let durable = std::mem::take(&mut inode.durable);
             let current = std::mem::take(&mut inode.current);
             inode.durable = settle(durable, current, &ops, outcome, &mut self.rng);
+            if mode == CrashMode::Power && !self.power_safe_overwrite {
+                // Without power-safe overwrite a disk may tear the rewrite of a
+                // whole 4 KiB sector: everything in it, durable bytes included.
+                for op in &ops {
+                    let FileOp::Write { pos, data } = op else { continue };
+                    let first = pos / TORN_SECTOR_BYTES * TORN_SECTOR_BYTES;
+                    let mut page = first;
+                    while page < pos + data.len() {
+                        let end = (page + TORN_SECTOR_BYTES).min(inode.durable.len());
+                        if page < end && self.rng.coin() {
+                            self.rng.fill(&mut inode.durable[page..end]);
+                            *self.fired.entry("crash:torn_overwrite".to_string()).or_default() += 1;
+                        }
+                        page += TORN_SECTOR_BYTES;
+                    }
+                }
+            }
             inode.current = inode.durable.clone();
         }
     }
@@ -850,6 +873,7 @@ impl SimDisk {
                 ops: 0,
                 halt_at: None,
                 sync_delay: std::time::Duration::ZERO,
+                power_safe_overwrite: true,
                 epoch: 0,
                 dirs,
                 names: BTreeMap::new(),
@@ -925,6 +949,23 @@ impl SimDisk {
     pub fn halt_after(&self, ops: u64) {
         let mut state = self.lock();
         state.halt_at = Some(state.ops + ops);
+    }
+
+    /// Models a disk without "power-safe overwrite" when `false` (default
+    /// `true`): at a power cut, an unsynced write may tear the whole 4 KiB
+    /// sector it lands in, ruining bytes of that sector that were already
+    /// durable. This is the hazard `QueueBuilder::pad_to_sectors` guards
+    /// against; counted as `crash:torn_overwrite` in `fault_counts`.
+    ///
+    /// ```
+    /// let disk = walq::SimDisk::new(1);
+    /// disk.set_power_safe_overwrite(false);
+    /// let queue = walq::Queue::builder("/q").simulated(&disk).pad_to_sectors(true).open()?;
+    /// queue.append(b"kept whatever the next write does to its sector")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_power_safe_overwrite(&self, on: bool) {
+        self.lock().power_safe_overwrite = on;
     }
 
     /// Makes every later `sync_data` take `delay` (a slow disk), to test

@@ -108,6 +108,7 @@ impl Queue {
         let io_cfg = WriterConfig {
             segment_bytes: b.segment_bytes,
             preallocate_bytes: b.preallocate_bytes,
+            pad_to_sectors: b.pad_to_sectors,
             publish_durable_only: b.durability == Durability::Sync,
         };
         let flush_cfg = FlushConfig {

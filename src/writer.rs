@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::batch::BatchBuilder;
+use crate::batch::{self, BatchBuilder};
 use crate::error::{Error, Result};
 use crate::fs::{StorageFile, write_all_at};
 use crate::index::{self, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
@@ -21,6 +21,8 @@ const ZERO_CHUNK_BYTES: usize = 256 << 10;
 pub(crate) struct WriterConfig {
     pub segment_bytes: u64,
     pub preallocate_bytes: u64,
+    /// Pad every batch to end on a sector boundary (see `batch::SECTOR_BYTES`).
+    pub pad_to_sectors: bool,
     /// Readers see only synced records (the queue's default is `Sync`).
     pub publish_durable_only: bool,
 }
@@ -110,7 +112,9 @@ impl Writer {
             return Ok(());
         }
         debug_assert_eq!(batch.base_offset(), self.written, "batches are written in offset order");
-        let len = batch.encoded_len() as u64;
+        let pad = self.cfg.pad_to_sectors;
+        // With padding, the length depends on where the batch lands; bound it for the roll check.
+        let len = batch.encoded_len() as u64 + if pad { batch::SECTOR_BYTES as u64 } else { 0 };
         let relative_end = batch.next_offset() - self.active.base;
         let has_data = self.pos > SEGMENT_HEADER_LEN as u64;
         if has_data
@@ -119,13 +123,15 @@ impl Writer {
         {
             return self.poison(e);
         }
+        let len = if pad { batch.padded_len(self.pos) as u64 } else { batch.encoded_len() as u64 };
         let end = self.pos + len;
         if end > self.file_len
             && let Err(e) = self.preallocate(end)
         {
             return self.poison(e);
         }
-        let bytes = batch.seal(self.synced_pos);
+        let bytes =
+            if pad { batch.seal_padded(self.synced_pos, self.pos) } else { batch.seal(self.synced_pos) };
         if let Err(e) = write_all_at(self.file.as_ref(), bytes, self.pos) {
             let e = Error::io("write", &self.active.path, e);
             return self.poison(e);
