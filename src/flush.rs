@@ -31,6 +31,9 @@ use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::writer::Writer;
 
+/// The longest a leader waits to gather the producers of the last round.
+const GATHER_MAX: Duration = Duration::from_micros(200);
+
 /// Sync latencies kept for the percentiles in [`crate::Stats`].
 const SYNC_LATENCIES_KEPT: usize = 1024;
 
@@ -90,6 +93,8 @@ pub(crate) struct Flush<W = Writer> {
     io: Mutex<W>,
     /// The background thread waits here for timers and async waiters.
     work: Condvar,
+    /// A gathering leader waits here for the producers of the last round.
+    gathered: Condvar,
     cfg: FlushConfig,
     background: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -111,6 +116,8 @@ struct State {
     waiters: VecDeque<Arc<Waiter>>,
     /// The background thread must lead the next round (an async waiter waits).
     background_lead: bool,
+    /// A leader is gathering: it starts its round once `next_offset` reaches this.
+    gather_until: Option<u64>,
     write_due: Option<Instant>,
     sync_due: Option<Instant>,
     shutdown: bool,
@@ -235,6 +242,7 @@ impl<W: FlushIo> Flush<W> {
                 poisoned: false,
                 waiters: VecDeque::new(),
                 background_lead: false,
+                gather_until: None,
                 write_due: None,
                 sync_due: None,
                 shutdown: false,
@@ -243,6 +251,7 @@ impl<W: FlushIo> Flush<W> {
             }),
             io: Mutex::new(io),
             work: Condvar::new(),
+            gathered: Condvar::new(),
             cfg,
             background: Mutex::new(None),
         }
@@ -340,6 +349,9 @@ impl<W: FlushIo> Flush<W> {
             stats.appends += 1;
             stats.bytes += r.value.len() as u64;
         }
+        if st.gather_until.is_some_and(|t| st.next_offset >= t) {
+            self.gathered.notify_one();
+        }
         Ok(first..st.next_offset)
     }
 
@@ -410,6 +422,9 @@ impl<W: FlushIo> Flush<W> {
             pause(self.cfg.linger);
             st = self.lock();
         }
+        if sync {
+            st = self.gather(st);
+        }
         let mut batches = std::mem::take(&mut st.pending);
         st.pending_bytes = 0;
         st.write_due = None;
@@ -437,6 +452,9 @@ impl<W: FlushIo> Flush<W> {
         st.stats.batches += batches.len() as u64;
         st.stats.rolls = rolls;
         st.spare.append(&mut batches);
+        // Waiters are woken after the lock is released: an unpark is a
+        // syscall, and producers appending meanwhile need the lock.
+        let mut done = Vec::new();
         let result = match result {
             Ok(()) => {
                 st.written = end;
@@ -457,7 +475,7 @@ impl<W: FlushIo> Flush<W> {
                 }
                 while st.waiters.front().is_some_and(|w| w.target <= st.durable) {
                     if let Some(w) = st.waiters.pop_front() {
-                        w.finish(Outcome::Done(Ok(())));
+                        done.push((w, Outcome::Done(Ok(()))));
                     }
                 }
                 Ok(())
@@ -469,7 +487,7 @@ impl<W: FlushIo> Flush<W> {
                 st.poisoned = true;
                 for w in std::mem::take(&mut st.waiters) {
                     let err = if w.target <= end { e.duplicate() } else { Error::Poisoned };
-                    w.finish(Outcome::Done(Err(err)));
+                    done.push((w, Outcome::Done(Err(err))));
                 }
                 let dropped = std::mem::take(&mut st.pending);
                 st.spare.extend(dropped);
@@ -481,23 +499,68 @@ impl<W: FlushIo> Flush<W> {
                 Err(e)
             }
         };
-        self.hand_off(&mut st);
-        (st, result)
+        if let Some(next) = self.hand_off(&mut st) {
+            done.push((next, Outcome::Lead));
+        }
+        if done.is_empty() {
+            return (st, result);
+        }
+        drop(st);
+        for (w, outcome) in done {
+            w.finish(outcome);
+        }
+        (self.lock(), result)
+    }
+
+    /// Adaptive gathering. When the last sync covered several producers, they
+    /// were woken together and are about to append again; a round started by
+    /// the first of them alone would cover one record while the rest wait a
+    /// whole sync for the next. So the leader waits (holding the round) until
+    /// as many records as the last sync covered are pending, or half a recent
+    /// sync's time has passed, whichever is first. One producer never waits.
+    fn gather<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        if cfg!(all(test, walq_loom)) {
+            // A timing heuristic: loom's timed waits never time out, and the
+            // protocol is the same without it.
+            return st;
+        }
+        let expected = st.stats.last_records_per_sync;
+        let pending = st.next_offset - st.written;
+        // Only when the round would be much smaller than the last: under heavy
+        // load producers keep arriving during each sync, and waiting for a
+        // full round would only stop the pipeline (measured: 64 threads).
+        if !self.cfg.producers_lead || expected <= 1 || pending * 2 >= expected {
+            return st;
+        }
+        let last = st.stats.sync_micros.get(st.stats.sync_micros_next.wrapping_sub(1) % SYNC_LATENCIES_KEPT);
+        let cap = Duration::from_micros(u64::from(last.copied().unwrap_or(0) / 2)).min(GATHER_MAX);
+        let deadline = Instant::now() + cap;
+        let target = st.written + expected;
+        st.gather_until = Some(target);
+        while st.next_offset < target {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self.gathered.wait_timeout(st, deadline - now).map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+        st.gather_until = None;
+        st
     }
 
     /// After a round: the first uncovered waiter leads the next one (a thread
     /// leads itself; for an async waiter the background thread does).
-    fn hand_off(&self, st: &mut State) {
-        let Some(first) = st.waiters.front() else { return };
+    /// Returns the waiter to hand the lead to (the caller wakes it).
+    fn hand_off(&self, st: &mut State) -> Option<Arc<Waiter>> {
+        let first = st.waiters.front()?;
         if first.is_thread() && self.cfg.producers_lead {
-            if let Some(w) = st.waiters.pop_front() {
-                // Reserve the round for it: nobody else may lead until it does.
-                st.flushing = true;
-                w.finish(Outcome::Lead);
-            }
+            // Reserve the round for it: nobody else may lead until it does.
+            st.flushing = true;
+            st.waiters.pop_front()
         } else {
             st.background_lead = true;
             self.work.notify_one();
+            None
         }
     }
 
