@@ -49,12 +49,22 @@ fn trim(queue: &Queue) {
 }
 
 fn append_throughput(c: &mut Criterion) {
-    for (mode, durability) in [("sync", Durability::Sync), ("os", Durability::Os)] {
+    // `sync_growing`: the same durable appends without preallocation, so every
+    // sync also commits the file's growth (the measured case for pre-zeroing).
+    for (mode, durability, prealloc, sizes) in [
+        ("sync", Durability::Sync, walq::PREALLOCATE_BYTES_DEFAULT, &SIZES[..]),
+        ("os", Durability::Os, walq::PREALLOCATE_BYTES_DEFAULT, &SIZES[..]),
+        ("sync_growing", Durability::Sync, 0, &SIZES[1..2]),
+    ] {
         let mut group = c.benchmark_group(format!("append/{mode}"));
         group.throughput(Throughput::Elements(1));
-        for (label, size) in SIZES {
+        for &(label, size) in sizes {
             let dir = bench_dir("append");
-            let queue = Queue::builder(dir.path()).durability(durability).open().expect("open");
+            let queue = Queue::builder(dir.path())
+                .durability(durability)
+                .preallocate_bytes(prealloc)
+                .open()
+                .expect("open");
             let value = value(size);
             // One element = one `append` call. In `Os` mode most calls only
             // copy into the write buffer; every 64 KiB (the default write buffer) the call that fills it

