@@ -236,3 +236,20 @@ fn concurrent_retention_removes_each_segment_once_and_never_the_active_one() {
         assert_eq!(r.next().unwrap().unwrap().value(), b"in the active segment");
     }
 }
+
+#[test]
+fn a_sync_append_on_an_os_queue_waits_for_a_sync_that_covers_it() {
+    let disk = SimDisk::new(21);
+    let q = Queue::builder(sim_dir()).simulated(&disk).durability(Durability::Os).open().unwrap();
+    for i in 0..10 {
+        q.append(&value_for(i, 21, 20)).unwrap(); // Os: buffered
+    }
+    let o = q.append_with(b"must survive", Durability::Sync).unwrap();
+    assert!(q.stats().durable_offset > o, "returned before a sync covered it");
+    disk.crash_lose_unsynced();
+    drop(q);
+    let q = Queue::builder(sim_dir()).simulated(&disk).open().unwrap();
+    let all = read_all(&q);
+    assert_eq!(all.len() as u64, o + 1, "the Sync record and everything before it survive");
+    assert_eq!(all[o as usize].1, b"must survive");
+}
