@@ -25,9 +25,7 @@ const _: () = assert!(RECORD_BYTES_MAX <= crate::batch::RECORD_BYTES_MAX);
 /// (overwriting allocated space syncs faster than growing the file).
 pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
 /// Default bytes of records buffered in memory by `Os` and `Interval` appends
-/// before they are written in one batch. Also the batch size of large
-/// `append_batch` calls; a random lookup verifies (and skips within) one batch,
-/// so this bounds its cost too.
+/// before they are written (in batches of at most `batch_bytes_max`).
 pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 64 << 10;
 /// Default bound on one batch: a group-commit round writes its records as
 /// batches of at most this size (one write each), and one fdatasync.

@@ -3,9 +3,11 @@
 //! finds no flush in flight, or the background thread for async waiters and
 //! timers) takes every pending batch, writes each with one syscall, issues one
 //! fdatasync, advances the durable watermark, and wakes exactly the waiters it
-//! covered; the first uncovered waiter is handed the lead. Producers fill the
-//! next batches meanwhile. Invariant: at most one round is in flight
-//! (`State::flushing`), and every waiter is completed exactly once.
+//! covered. If waiters remain, the next round is reserved for the background
+//! flusher (or handed to the first waiting producer when that thread is not
+//! running). Producers fill the next batches meanwhile. Invariant: at most one
+//! round is in flight (`State::flushing`), and every waiter is completed
+//! exactly once.
 
 use std::collections::VecDeque;
 use std::ops::Range;

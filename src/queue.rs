@@ -1,7 +1,6 @@
-//! The public [`Queue`]: opens and recovers a directory, appends through the
-//! single writer, hands out readers, and runs the background writer that
-//! `Os` and `Interval` appends rely on. It wires the modules together and
-//! has no algorithm of its own.
+//! The public [`Queue`]: opens and recovers a directory, appends through group
+//! commit (`flush.rs`), hands out readers, and stops the background flusher
+//! on close. It wires the modules together and has no algorithm of its own.
 
 use std::ops::Range;
 use std::path::Path;
@@ -19,9 +18,10 @@ use crate::writer::{Writer, WriterConfig};
 
 /// A durable, append-only queue in one directory.
 ///
-/// `Queue` is `Send + Sync`: share it behind an `Arc` among threads. Appends
-/// are serialized through one writer; readers never block it and read
-/// straight out of read-only maps of the segment files.
+/// `Queue` is `Send + Sync`: share it behind an `Arc` among threads. Durable
+/// appends from many threads (or async tasks) share each fdatasync (group
+/// commit); readers never block appends and read straight out of read-only
+/// maps of the segment files.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;
