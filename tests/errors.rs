@@ -16,6 +16,10 @@
 //! test snapshots every file of the directory (names and bytes) and compares
 //! the snapshot after it.
 
+mod common;
+
+use common::{crc32c, segment_bases, segment_name};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -68,33 +72,6 @@ fn assert_unchanged<K: Ord + std::fmt::Debug>(before: &BTreeMap<K, Vec<u8>>, aft
             panic!("{name:?} changed at byte {i}");
         }
     }
-}
-
-fn segment_name(base: u64) -> String {
-    format!("{base:020}.seg")
-}
-
-/// Base offsets of the segment files in a real directory, sorted.
-fn segment_bases(dir: &Path) -> Vec<u64> {
-    let mut bases: Vec<u64> = std::fs::read_dir(dir)
-        .expect("list")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_suffix(".seg")?.parse().ok())
-        .collect();
-    bases.sort_unstable();
-    bases
-}
-
-/// CRC-32C (Castagnoli), bitwise: reflected polynomial 0x82F63B78.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 fn u32_le(bytes: &[u8], at: usize) -> u32 {

@@ -16,6 +16,10 @@
 //! never over `v1`):
 //! `cargo test --release --test format -- --ignored regenerate_golden_v1`.
 
+mod common;
+
+use common::crc32c;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -263,18 +267,6 @@ fn base_of(name: &str) -> u64 {
     let stem = name.split('.').next().expect("a stem");
     assert_eq!(stem.len(), 20, "{name}: not a 20-digit name");
     stem.parse().expect("a numeric stem")
-}
-
-/// CRC-32C (Castagnoli), bitwise: reflected polynomial 0x82F63B78.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {

@@ -16,6 +16,10 @@
 //! two reader threads for the concurrent case. Every record's value names its
 //! offset, so a mix-up cannot pass.
 
+mod common;
+
+use common::{segment_bases, segment_name};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,21 +43,6 @@ fn value(i: u64, len: usize) -> Vec<u8> {
 /// A deterministic value length between 1 and 300 bytes.
 fn len_for(i: u64) -> usize {
     1 + ((i * 7919) % 300) as usize
-}
-
-fn segment_name(base: u64) -> String {
-    format!("{base:020}.seg")
-}
-
-/// Base offsets of the segment files in a real directory, sorted.
-fn segment_bases(dir: &Path) -> Vec<u64> {
-    let mut bases: Vec<u64> = std::fs::read_dir(dir)
-        .expect("list")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_suffix(".seg")?.parse().ok())
-        .collect();
-    bases.sort_unstable();
-    bases
 }
 
 /// Every record a reader returns from `from` until `Ok(None)`.

@@ -154,3 +154,32 @@ pub fn read_all(queue: &Queue) -> Vec<(u64, Vec<u8>)> {
     }
     out
 }
+
+/// `00000000000000000042.seg`: a segment's file name (docs/format.md).
+pub fn segment_name(base: u64) -> String {
+    format!("{base:020}.seg")
+}
+
+/// Base offsets of the segment files in a real directory, sorted.
+pub fn segment_bases(dir: &Path) -> Vec<u64> {
+    let mut bases: Vec<u64> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    bases.sort_unstable();
+    bases
+}
+
+/// CRC-32C (Castagnoli), bitwise: reflected polynomial 0x82F63B78; written
+/// from the definition, independent of the crate the library uses.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
