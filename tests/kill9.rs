@@ -120,13 +120,7 @@ fn acknowledged_appends_survive_kill_9_at_random_moments() {
         } else {
             while seen < target {
                 let Some(Ok(line)) = lines.next() else { break };
-                let mut parts = line.split_whitespace();
-                if parts.next() == Some("ack") {
-                    let first: u64 = parts.next().unwrap().parse().unwrap();
-                    let n: u64 = parts.next().unwrap().parse().unwrap();
-                    for o in first..first + n {
-                        acked.insert(o, generation);
-                    }
+                if record_ack(&line, generation, &mut acked) {
                     acks += 1;
                     seen += 1;
                 }
@@ -136,14 +130,7 @@ fn acknowledged_appends_survive_kill_9_at_random_moments() {
         child.wait().unwrap();
         // Acknowledgements already in the pipe count too: the child made them.
         for line in lines.map_while(Result::ok) {
-            let mut parts = line.split_whitespace();
-            if parts.next() == Some("ack") {
-                let first: u64 = parts.next().unwrap().parse().unwrap();
-                let n: u64 = parts.next().unwrap().parse().unwrap();
-                for o in first..first + n {
-                    acked.insert(o, generation);
-                }
-            }
+            record_ack(&line, generation, &mut acked);
         }
         if generation % 50 == 49 || generation + 1 == cycles {
             check(dir.path(), &acked, generation, seed);
@@ -156,6 +143,20 @@ fn acknowledged_appends_survive_kill_9_at_random_moments() {
         started.elapsed()
     );
     assert!(acked.len() > cycles as usize, "the children acknowledged too little to prove anything");
+}
+
+/// Notes the records an `ack <first> <count>` line acknowledges; false for other lines.
+fn record_ack(line: &str, generation: u64, acked: &mut BTreeMap<u64, u64>) -> bool {
+    let mut parts = line.split_whitespace();
+    if parts.next() != Some("ack") {
+        return false;
+    }
+    let first: u64 = parts.next().and_then(|p| p.parse().ok()).expect("ack <first> <count>");
+    let n: u64 = parts.next().and_then(|p| p.parse().ok()).expect("ack <first> <count>");
+    for o in first..first + n {
+        acked.insert(o, generation);
+    }
+    true
 }
 
 /// Reopens the directory and checks the oracle.

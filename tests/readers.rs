@@ -281,17 +281,23 @@ fn reading_from_every_start_offset_crosses_segment_boundaries_exactly() -> TestR
     Ok(())
 }
 
+/// The queue, what was appended, and the segments' base offsets.
+type ManySegments = (Queue, Vec<OwnedRecord>, Vec<u64>);
+
+/// An `Os` queue of 300 records over at least 5 small segments.
+fn many_segments(dir: &Path) -> Result<ManySegments, Box<dyn std::error::Error>> {
+    let queue =
+        Queue::builder(dir).segment_bytes(4096).durability(Durability::Os).write_buffer_bytes(600).open()?;
+    let expected = fill_many_segments(&queue, 300)?;
+    let bases = segment_bases(dir);
+    assert!(bases.len() >= 5);
+    Ok((queue, expected, bases))
+}
+
 #[test]
 fn seek_moves_forward_and_backward_within_and_across_segments() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let queue = Queue::builder(dir.path())
-        .segment_bytes(4096)
-        .durability(Durability::Os)
-        .write_buffer_bytes(600)
-        .open()?;
-    let expected = fill_many_segments(&queue, 300)?;
-    let bases = segment_bases(dir.path());
-    assert!(bases.len() >= 5);
+    let (queue, expected, bases) = many_segments(dir.path())?;
     let mut reader = queue.read_from(0)?;
     for want in 0..5 {
         assert_eq!(reader.next()?.expect("record").offset(), want);
@@ -341,14 +347,7 @@ fn seek_moves_forward_and_backward_within_and_across_segments() -> TestResult {
 #[test]
 fn a_reader_inside_a_removed_segment_keeps_reading_it_and_beyond() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let queue = Queue::builder(dir.path())
-        .segment_bytes(4096)
-        .durability(Durability::Os)
-        .write_buffer_bytes(600)
-        .open()?;
-    let expected = fill_many_segments(&queue, 300)?;
-    let bases = segment_bases(dir.path());
-    assert!(bases.len() >= 5);
+    let (queue, expected, bases) = many_segments(dir.path())?;
 
     // A reader inside segment 0 (it has mapped it).
     let mut inside = queue.read_from(1)?;
