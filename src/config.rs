@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, ManualClock};
 use crate::error::{Error, Result};
 use crate::fs::{RealFs, Storage};
 use crate::queue::Queue;
@@ -97,6 +98,10 @@ pub struct QueueBuilder {
     pub(crate) producers_lead: bool,
     pub(crate) pad_to_sectors: bool,
     pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) clock: Clock,
+    pub(crate) retention: Retention,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) when_full: WhenFull,
 }
 
 impl QueueBuilder {
@@ -114,6 +119,10 @@ impl QueueBuilder {
             producers_lead: true,
             pad_to_sectors: false,
             storage: Arc::new(RealFs),
+            clock: Clock::System,
+            retention: Retention::default(),
+            max_bytes: None,
+            when_full: WhenFull::Error,
         }
     }
 
@@ -210,6 +219,38 @@ impl QueueBuilder {
         self
     }
 
+    /// Reads time from `clock` instead of the system clock: record
+    /// timestamps, ack deadlines, nack delays and retention by age then move
+    /// only when the test moves the clock.
+    pub fn clock(mut self, clock: &ManualClock) -> Self {
+        self.clock = Clock::Manual(clock.clone());
+        self
+    }
+
+    /// Which old segments walq removes by itself (default: none; see
+    /// [`Retention`]). Retention runs in a background thread after segment
+    /// rolls and once a second, and on [`Queue::apply_retention`].
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Backpressure: the most bytes the queue's segment files may hold
+    /// (default: no limit). An append that would go past it waits for
+    /// retention to make room or fails with [`Error::Full`], as
+    /// [`when_full`](QueueBuilder::when_full) says. At least twice
+    /// `segment_bytes` (retention frees whole segments).
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// What an append does when the queue is full (default [`WhenFull::Error`]).
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
     /// Validates the options, then opens (and recovers) the queue.
     pub fn open(self) -> Result<Queue> {
         self.validate()?;
@@ -256,6 +297,25 @@ impl QueueBuilder {
                 reason: format!("{:?} is above one second; use Durability::Interval for that", self.linger),
             });
         }
+        if let Some(max) = self.max_bytes
+            && max < 2 * self.segment_bytes
+        {
+            return Err(Error::InvalidOption {
+                name: "max_bytes",
+                reason: format!(
+                    "{max} is below twice segment_bytes ({}): retention frees whole segments, so the limit must hold at least two",
+                    self.segment_bytes
+                ),
+            });
+        }
+        if let Some(max) = self.retention.max_bytes
+            && max < self.segment_bytes
+        {
+            return Err(Error::InvalidOption {
+                name: "retention.max_bytes",
+                reason: format!("{max} is below segment_bytes ({})", self.segment_bytes),
+            });
+        }
         if let Durability::Interval(d) = self.durability
             && d.is_zero()
         {
@@ -266,4 +326,69 @@ impl QueueBuilder {
         }
         Ok(())
     }
+}
+
+/// Which sealed segments walq removes by itself, oldest first and whole
+/// segments only (the active segment is never removed). Every limit is
+/// optional; the default keeps everything. Removals are counted in
+/// [`Stats::segments_removed`](crate::Stats::segments_removed) and logged.
+///
+/// ```
+/// use std::time::Duration;
+/// use walq::{Queue, Retention};
+/// let dir = tempfile::tempdir()?;
+/// let queue = Queue::builder(dir.path())
+///     .retention(Retention::default().max_bytes(10 << 30).max_age(Duration::from_secs(7 * 86_400)))
+///     .open()?;
+/// # drop(queue);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) queue_mode: bool,
+}
+
+impl Retention {
+    /// Removes the oldest sealed segments while the log holds more than
+    /// `bytes` (as Kafka's `retention.bytes`).
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// Removes a sealed segment once its newest record is older than `age`
+    /// by the queue's clock (as Kafka's `retention.ms`).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// Queue mode: removes a sealed segment once every named consumer has
+    /// committed past it and every group has acknowledged all of it; and
+    /// never removes, for any limit above, a segment that a consumer or a
+    /// group still needs. With no consumer and no group, queue mode removes
+    /// nothing.
+    pub fn queue_mode(mut self, on: bool) -> Self {
+        self.queue_mode = on;
+        self
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.max_bytes.is_some() || self.max_age.is_some() || self.queue_mode
+    }
+}
+
+/// What an append does when the queue holds
+/// [`max_bytes`](QueueBuilder::max_bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Fail at once with [`Error::Full`].
+    #[default]
+    Error,
+    /// Wait up to this long for retention to make room, then fail with
+    /// [`Error::Full`]. Async appends never block their thread: they fail at
+    /// once.
+    Wait(Duration),
 }

@@ -113,6 +113,44 @@ pub enum Error {
         /// The directory.
         dir: PathBuf,
     },
+    /// The queue holds its configured maximum of bytes
+    /// ([`QueueBuilder::max_bytes`](crate::QueueBuilder::max_bytes)) and the
+    /// append could not wait (or waited as long as it was allowed). Nothing
+    /// was appended; the queue is not poisoned.
+    #[error(
+        "the queue is full ({max_bytes} bytes): let consumers move on so that retention can remove segments, or raise QueueBuilder::max_bytes"
+    )]
+    Full {
+        /// The configured maximum.
+        max_bytes: u64,
+    },
+    /// No consumer or group of this name exists (it was never committed, or
+    /// was deleted).
+    #[error("no {kind} named {name:?} exists; list them with Queue::consumers / Queue::groups")]
+    UnknownConsumer {
+        /// "consumer" or "group".
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// A consumer of this name is already open on this queue; one handle per
+    /// name, so that two cannot commit over each other. Drop the other first,
+    /// or share work through a group.
+    #[error("consumer {name:?} is already open on this queue; drop the other handle or use a consumer group")]
+    InUse {
+        /// The consumer's name.
+        name: String,
+    },
+    /// The delivery is no longer the pending one: it was acknowledged,
+    /// terminated, or redelivered after its ack wait ran out. Its outcome is
+    /// already decided; drop it.
+    #[error(
+        "delivery of offset {offset} is no longer pending (acknowledged, terminated, or redelivered after its ack wait); drop it"
+    )]
+    DeliveryNotPending {
+        /// The record's offset.
+        offset: u64,
+    },
     /// An I/O error walq has no more specific variant for.
     #[error("{op} {path}: {source}")]
     Io {
@@ -157,6 +195,10 @@ impl Error {
             }
             Error::InvalidOption { name, reason } => Error::InvalidOption { name, reason: reason.clone() },
             Error::NotFound { dir } => Error::NotFound { dir: dir.clone() },
+            Error::Full { max_bytes } => Error::Full { max_bytes: *max_bytes },
+            Error::UnknownConsumer { kind, name } => Error::UnknownConsumer { kind, name: name.clone() },
+            Error::InUse { name } => Error::InUse { name: name.clone() },
+            Error::DeliveryNotPending { offset } => Error::DeliveryNotPending { offset: *offset },
             Error::Io { op, path, source } => {
                 let source = match source.raw_os_error() {
                     Some(code) => io::Error::from_raw_os_error(code),

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 // The model check at the bottom of this file swaps in loom's locks, condvar
 // and threads; everything else is the same code either way.
 #[cfg(not(all(test, walq_loom)))]
@@ -49,6 +49,8 @@ pub(crate) struct FlushConfig {
     pub batch_bytes_max: usize,
     /// How long a leader waits for more producers before taking the batch.
     pub linger: Duration,
+    /// Record timestamps come from here.
+    pub clock: crate::clock::Clock,
     /// Whether a `Sync` producer leads a flush itself (the default) or waits
     /// for the background thread to do it (kept to measure the difference).
     pub producers_lead: bool,
@@ -347,7 +349,7 @@ impl<W: FlushIo> Flush<W> {
             }
             let ts = match r.timestamp_ms {
                 Some(ts) => ts,
-                None => *now_ms.get_or_insert_with(wall_clock_ms),
+                None => *now_ms.get_or_insert_with(|| self.cfg.clock.now_ms()),
             };
             let State { pending, pending_bytes, next_offset, stats, .. } = st;
             let batch = pending.last_mut().expect("a pending batch was ensured above");
@@ -407,6 +409,11 @@ impl<W: FlushIo> Flush<W> {
             Outcome::Lead => self.lead(self.lock(), true).1,
             Outcome::Pending => unreachable!("park returns only a completed outcome"),
         }
+    }
+
+    /// Encoded bytes appended and not yet written.
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.lock().pending_bytes
     }
 
     /// Syncs everything appended so far.
@@ -722,10 +729,6 @@ fn pause(d: Duration) {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn wall_clock_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// A loom model check of the protocol above: the real `Flush`, on loom's
 /// locks, condvar and threads, over a fake tail that checks every write and
@@ -864,6 +867,7 @@ mod loom_model {
             batch_bytes_max: 0,
             linger: Duration::ZERO,
             producers_lead,
+            clock: crate::clock::Clock::System,
         };
         Arc::new(Flush::new(io, cfg))
     }

@@ -36,13 +36,17 @@
 //! See `ARCHITECTURE.md` for the design and `docs/format.md` for the bytes on disk.
 
 mod batch;
+mod clock;
 mod config;
+mod consumer;
 mod error;
 mod flush;
 mod fs;
 #[cfg(feature = "async")]
 mod future;
+mod group;
 mod index;
+mod journal;
 mod log;
 #[allow(unsafe_code)]
 mod mmap;
@@ -56,9 +60,17 @@ mod writer;
 pub use config::{
     BATCH_BYTES_DEFAULT, Durability, OS_WRITE_DELAY, PREALLOCATE_BYTES_DEFAULT, QueueBuilder,
     RECORD_BYTES_DEFAULT, RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
-    WRITE_BUFFER_BYTES_DEFAULT,
+    Retention, WRITE_BUFFER_BYTES_DEFAULT, WhenFull,
 };
+pub use clock::ManualClock;
+#[cfg(feature = "async")]
+pub use consumer::ConsumerStream;
+pub use consumer::{Consumer, ConsumerInfo, StartAt};
 pub use error::{Error, Result};
+pub use group::{
+    ACK_DURABILITY_DEFAULT, ACK_WAIT_DEFAULT, Delivery, DeliveryId, Group, GroupBuilder, GroupInfo,
+    GroupStats, MAX_DELIVER_DEFAULT, PREFETCH_DEFAULT, Worker, dead_letter_headers,
+};
 pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
 #[cfg(feature = "async")]
 pub use future::AppendFuture;
@@ -73,5 +85,10 @@ pub mod __fuzz {
     /// Decodes arbitrary bytes as a batch every way walq does.
     pub fn decode_batch(data: &[u8]) {
         crate::batch::fuzz_decode(data);
+    }
+
+    /// Replays arbitrary bytes as a consumer journal.
+    pub fn decode_journal(data: &[u8]) {
+        let _ = crate::journal::parse(data, std::path::Path::new("fuzz"));
     }
 }

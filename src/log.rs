@@ -33,6 +33,10 @@ pub(crate) struct Segment {
     /// active; preallocated zeros past it stay unmapped).
     data_len: AtomicU64,
     map: Mutex<Option<Arc<Map>>>,
+    /// File length once sealed and counted in [`Log::total_bytes`] (0: not counted).
+    size: AtomicU64,
+    /// Newest record timestamp once read (0: not read yet), for retention by age.
+    newest_ms: AtomicU64,
     /// Index entries of the active segment (readers seek with them).
     active_index: RwLock<Vec<IndexEntry>>,
     /// The index of a sealed segment, checked (and if need be rebuilt) on
@@ -64,6 +68,8 @@ impl Segment {
             removed: std::sync::atomic::AtomicBool::new(false),
             data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
+            size: AtomicU64::new(0),
+            newest_ms: AtomicU64::new(0),
             active_index: RwLock::new(active_index),
             sealed_index: Mutex::new(None),
         }
@@ -113,6 +119,102 @@ pub(crate) struct Log {
     cached: Mutex<std::collections::VecDeque<Arc<Segment>>>,
     /// Serializes `remove_before`.
     retention: Mutex<()>,
+    /// Wakes readers waiting at the tail (and group fetchers).
+    pub(crate) tail: TailNotify,
+    /// Bytes of the segment files, when tracked (retention by size and
+    /// backpressure need it): see [`Log::track_bytes`].
+    bytes: AtomicU64,
+    /// Segments retention removed since open.
+    removed: AtomicU64,
+    /// Whether `bytes` is kept (sealed segments' sizes were read at open).
+    tracking: std::sync::atomic::AtomicBool,
+    /// Called after every roll (wakes retention).
+    roll_hook: Mutex<Option<RollHook>>,
+}
+
+/// A callback run after each roll.
+struct RollHook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for RollHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RollHook")
+    }
+}
+
+/// Wake-ups for whoever waits for the log to grow (or for a group's state to
+/// change): blocking waiters on a condvar, async ones by waker. Publishing
+/// costs one atomic load while nobody waits.
+#[derive(Debug, Default)]
+pub(crate) struct TailNotify {
+    /// Blocked threads plus registered wakers.
+    waiting: std::sync::atomic::AtomicUsize,
+    wakers: Mutex<Vec<std::task::Waker>>,
+    cond: std::sync::Condvar,
+}
+
+impl TailNotify {
+    /// Wakes everyone waiting.
+    pub(crate) fn wake_all(&self) {
+        let wakers = {
+            let mut w = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            self.cond.notify_all();
+            std::mem::take(&mut *w)
+        };
+        if !wakers.is_empty() {
+            self.waiting.fetch_sub(wakers.len(), Ordering::SeqCst);
+        }
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Called after the state a waiter checks changed (and was stored SeqCst
+    /// or followed by a SeqCst fence): wakes waiters, if any.
+    pub(crate) fn notify(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.wake_all();
+        }
+    }
+
+    /// Blocks until `ready()` is true (returns true) or `deadline` passes
+    /// (returns false). `ready` is checked under the lock a notifier takes,
+    /// so no wake-up is lost.
+    pub(crate) fn wait_until(&self, deadline: std::time::Instant, mut ready: impl FnMut() -> bool) -> bool {
+        if ready() {
+            return true;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        let result = loop {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if ready() {
+                break true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            guard = self.cond.wait_timeout(guard, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(guard);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Registers an async waker, then re-checks `ready` (so a change between
+    /// the caller's check and the registration is not lost). Returns `ready()`.
+    pub(crate) fn register(&self, waker: &std::task::Waker, ready: impl FnOnce() -> bool) -> bool {
+        {
+            let mut w = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            if !w.iter().any(|x| x.will_wake(waker)) {
+                w.push(waker.clone());
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        ready()
+    }
 }
 
 /// Sealed segments whose maps (segment and index) stay cached for new readers;
@@ -134,6 +236,11 @@ impl Log {
             durable: AtomicU64::new(visible),
             cached: Mutex::new(std::collections::VecDeque::new()),
             retention: Mutex::new(()),
+            tail: TailNotify::default(),
+            bytes: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
+            tracking: std::sync::atomic::AtomicBool::new(false),
+            roll_hook: Mutex::new(None),
         }
     }
 
@@ -154,7 +261,9 @@ impl Log {
     /// Makes offsets below `next` visible. Every byte of those records must
     /// already be in the file (Release pairs with readers' Acquire).
     pub(crate) fn publish(&self, next: u64) {
-        self.visible.fetch_max(next, Ordering::Release);
+        if self.visible.fetch_max(next, Ordering::SeqCst) < next {
+            self.tail.notify();
+        }
     }
 
     fn read_segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {
@@ -178,6 +287,96 @@ impl Log {
 
     pub(crate) fn push_segment(&self, seg: Arc<Segment>) {
         self.segments.write().unwrap_or_else(|e| e.into_inner()).push(seg);
+        if let Some(hook) = self.roll_hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            (hook.0)();
+        }
+    }
+
+    /// Counts a just-sealed segment's file length in the tracked bytes.
+    pub(crate) fn count_sealed(&self, seg: &Segment, file_len: u64) {
+        if self.tracking.load(Ordering::Acquire) && seg.size.swap(file_len, Ordering::AcqRel) == 0 {
+            self.bytes.fetch_add(file_len, Ordering::AcqRel);
+        }
+    }
+
+    /// Starts keeping [`total_bytes`](Log::total_bytes): reads the length of
+    /// every sealed segment (one stat each; only when retention by size or
+    /// backpressure is configured).
+    pub(crate) fn track_bytes(&self) -> Result<()> {
+        let segs: Vec<Arc<Segment>> = self.read_segments().clone();
+        for seg in segs.iter().filter(|s| s.end() != OPEN_END) {
+            let len = self.open_segment(seg)?.len().map_err(|e| Error::io("stat", &seg.path, e))?;
+            if seg.size.swap(len.max(1), Ordering::AcqRel) == 0 {
+                self.bytes.fetch_add(len.max(1), Ordering::AcqRel);
+            }
+        }
+        self.tracking.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Bytes of the sealed segment files plus the active segment's written
+    /// bytes (0 unless [`track_bytes`](Log::track_bytes) was called).
+    pub(crate) fn total_bytes(&self) -> u64 {
+        if !self.tracking.load(Ordering::Acquire) {
+            return 0;
+        }
+        let active = self.read_segments().last().map_or(0, |s| s.data_len.load(Ordering::Acquire));
+        self.bytes.load(Ordering::Acquire) + active
+    }
+
+    /// Segments retention removed since open.
+    pub(crate) fn segments_removed(&self) -> u64 {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_roll_hook(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        *self.roll_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(RollHook(hook));
+    }
+
+    /// The newest timestamp of a sealed segment's records: its last record's
+    /// (timestamps set by the caller may go backwards; walq takes the last
+    /// record's as the segment's, as a log ordered by time has it).
+    pub(crate) fn newest_timestamp(self: &Arc<Self>, seg: &Arc<Segment>) -> Result<u64> {
+        let cached = seg.newest_ms.load(Ordering::Acquire);
+        if cached != 0 {
+            return Ok(cached);
+        }
+        let end = seg.end();
+        if end == OPEN_END || end == seg.base {
+            return Ok(u64::MAX);
+        }
+        let mut r = crate::reader::Reader::new(Arc::clone(self), end - 1);
+        let ts = match r.next()? {
+            Some(rec) => rec.timestamp_ms().max(1),
+            None => return Ok(u64::MAX),
+        };
+        seg.newest_ms.store(ts, Ordering::Release);
+        Ok(ts)
+    }
+
+    /// Where to start scanning for the first record at or after `ms`: the
+    /// base of the last segment whose first record is older than `ms`
+    /// (binary search over the segments' first records).
+    pub(crate) fn time_search_start(self: &Arc<Self>, ms: u64) -> Result<u64> {
+        let segs: Vec<Arc<Segment>> = self.read_segments().clone();
+        let visible = self.visible();
+        let first_ts = |seg: &Arc<Segment>| -> Result<Option<u64>> {
+            if seg.base >= visible {
+                return Ok(None);
+            }
+            let mut r = crate::reader::Reader::new(Arc::clone(self), seg.base);
+            Ok(r.next()?.map(|rec| rec.timestamp_ms()))
+        };
+        let (mut lo, mut hi) = (0usize, segs.len());
+        // Invariant: segments before `lo` start before `ms`; from `hi` on, at or after.
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match first_ts(&segs[mid])? {
+                Some(ts) if ts < ms => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(if lo == 0 { segs.first().map_or(0, |s| s.base) } else { segs[lo - 1].base })
     }
 
     /// A map of at least `min_len` bytes of `seg` (remapping an active
@@ -296,22 +495,38 @@ impl Log {
         Ok(SealedIndex::Built(entries))
     }
 
-    /// Removes whole sealed segments that end at or before `offset`, oldest
-    /// first (so a crash midway never leaves a hole). Returns how many went.
-    pub(crate) fn remove_before(&self, offset: u64) -> Result<usize> {
+    /// Removes whole sealed segments, oldest first (so a crash midway never
+    /// leaves a hole), while `remove(segment, total_bytes)` says so. Returns
+    /// how many went. The active segment is never removed.
+    pub(crate) fn remove_oldest_while(
+        &self,
+        mut remove: impl FnMut(&Arc<Segment>, u64) -> Result<bool>,
+    ) -> Result<usize> {
         // One retention at a time: choosing and removing the oldest segment
         // must not interleave with another caller's.
         let _one = self.retention.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
         loop {
-            let victim = {
-                let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
+            let candidate = {
+                let segs = self.read_segments();
                 match segs.first() {
-                    // Drop it from the list first: new readers stop finding it, old ones keep their map.
-                    Some(s) if segs.len() > 1 && s.end() != OPEN_END && s.end() <= offset => segs.remove(0),
+                    Some(s) if segs.len() > 1 && s.end() != OPEN_END => Arc::clone(s),
                     _ => break,
                 }
             };
+            // Decided without the list locked (it may read the segment).
+            if !remove(&candidate, self.total_bytes())? {
+                break;
+            }
+            {
+                // Drop it from the list first: new readers stop finding it, old ones keep their map.
+                let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
+                if segs.first().is_none_or(|s| !Arc::ptr_eq(s, &candidate)) {
+                    break;
+                }
+                segs.remove(0);
+            }
+            let victim = candidate;
             // Its cached maps would keep the deleted file's blocks allocated.
             victim.removed.store(true, Ordering::Release);
             self.cached.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| !Arc::ptr_eq(s, &victim));
@@ -327,7 +542,12 @@ impl Log {
             }
             storage.remove_file(&victim.path).map_err(|e| Error::io("remove", &victim.path, e))?;
             storage.sync_dir(&self.dir).map_err(|e| Error::io("fsync", &self.dir, e))?;
+            let size = victim.size.swap(0, Ordering::AcqRel);
+            self.bytes.fetch_sub(size.min(self.bytes.load(Ordering::Acquire)), Ordering::AcqRel);
+            self.removed.fetch_add(1, Ordering::AcqRel);
             removed += 1;
+            // Appenders waiting for room (backpressure) look again.
+            self.tail.wake_all();
         }
         Ok(removed)
     }

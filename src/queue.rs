@@ -2,14 +2,20 @@
 //! commit (`flush.rs`), hands out readers, and stops the background flusher
 //! on close. It wires the modules together and has no algorithm of its own.
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use crate::config::{Durability, QueueBuilder};
+use crate::clock::Clock;
+use crate::config::{Durability, QueueBuilder, Retention, WhenFull};
+use crate::consumer::{Consumer, ConsumerInfo, StartAt};
 use crate::error::{Error, Result};
 use crate::flush::{Flush, FlushConfig};
 use crate::fs::DirLock;
+use crate::group::{GroupBuilder, GroupInfo};
+use crate::journal::{Entry, Journal, check_name};
 use crate::log::Log;
 use crate::reader::Reader;
 use crate::record::Record;
@@ -38,9 +44,227 @@ use crate::writer::{Writer, WriterConfig};
 pub struct Queue {
     flush: Arc<Flush>,
     log: Arc<Log>,
+    core: Arc<Core>,
     durability: Durability,
     report: RecoveryReport,
+    /// The options it was opened with (dead-letter queues copy them).
+    options: QueueBuilder,
+}
+
+/// What consumers and groups share with the queue, and outlive it with: the
+/// directory lock is released when the queue and every consumer and group
+/// of it are dropped.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub log: Arc<Log>,
+    pub journal: Journal,
+    pub clock: Clock,
+    pub retention: Retention,
+    /// Names of the open consumers (one handle per name).
+    pub open_consumers: Mutex<HashSet<String>>,
+    /// Open groups (one shared state per name).
+    pub groups: Mutex<HashMap<String, Weak<crate::group::Shared>>>,
+    housekeeping: Arc<Housekeeping>,
+    housekeeper: Mutex<Option<std::thread::JoinHandle<()>>>,
     _lock: Box<dyn DirLock>,
+}
+
+/// Wakes the housekeeping thread (retention, syncing `Interval` commits and acks).
+#[derive(Debug, Default)]
+struct Housekeeping {
+    state: Mutex<HousekeepingState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HousekeepingState {
+    stop: bool,
+    /// Journal entries were buffered: recompute when they are due.
+    journal: bool,
+    /// Positions moved or a segment rolled: apply retention now.
+    retention: bool,
+}
+
+/// How often the housekeeping thread looks at retention with nothing else to do.
+const RETENTION_TICK: Duration = Duration::from_secs(1);
+
+impl Core {
+    /// The offset a new consumer or group starts at.
+    pub(crate) fn resolve_start(&self, start: StartAt) -> Result<u64> {
+        let (first, next) = (self.log.first_offset(), self.log.visible());
+        match start {
+            StartAt::Earliest => Ok(first),
+            StartAt::Latest => Ok(next),
+            StartAt::Offset(o) if (first..=next).contains(&o) => Ok(o),
+            StartAt::Offset(o) => Err(Error::OffsetOutOfRange { offset: o, first, next }),
+            StartAt::Timestamp(ms) => self.offset_for_timestamp(ms),
+        }
+    }
+
+    /// The first offset whose record's timestamp is at or after `ms` (the
+    /// log's end if none is).
+    pub(crate) fn offset_for_timestamp(&self, ms: u64) -> Result<u64> {
+        let next = self.log.visible();
+        let mut reader = crate::reader::Reader::new(Arc::clone(&self.log), self.log.first_offset());
+        let start = self.log.time_search_start(ms)?;
+        reader.seek(start);
+        while let Some(r) = reader.next()? {
+            if r.timestamp_ms() >= ms {
+                return Ok(r.offset());
+            }
+        }
+        Ok(next)
+    }
+
+    /// Tells the housekeeping thread there is work (a commit or ack to sync,
+    /// a position that moved, a segment rolled).
+    pub(crate) fn housekeeping_due(&self) {
+        let mut st = self.housekeeping.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.journal {
+            st.journal = true;
+            self.housekeeping.cond.notify_one();
+        }
+    }
+
+    /// Tells the housekeeping thread that retention may have work (a
+    /// position moved, a consumer went, a segment rolled).
+    pub(crate) fn retention_due(&self) {
+        if !self.retention.is_active() {
+            return;
+        }
+        let mut st = self.housekeeping.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.retention {
+            st.retention = true;
+            self.housekeeping.cond.notify_one();
+        }
+    }
+
+    /// The lowest position a consumer or group still needs (queue mode).
+    fn needed(&self) -> Option<u64> {
+        self.journal.with_image(|img| {
+            img.consumers.values().copied().chain(img.groups.values().map(|g| g.floor)).min()
+        })
+    }
+
+    /// Removes what the retention policy says may go; returns how many segments.
+    pub(crate) fn apply_retention(&self) -> Result<usize> {
+        let r = self.retention;
+        if !r.is_active() {
+            return Ok(0);
+        }
+        let needed = if r.queue_mode { self.needed() } else { None };
+        let now = self.clock.now_ms();
+        let log = &self.log;
+        let removed = log.remove_oldest_while(|seg, total| {
+            if let Some(n) = needed
+                && seg.end() > n
+            {
+                return Ok(false); // a consumer or group still needs it
+            }
+            if r.queue_mode && needed.is_some() {
+                return Ok(true); // every consumer and group is past it
+            }
+            if r.max_bytes.is_some_and(|max| total > max) {
+                return Ok(true);
+            }
+            if let Some(age) = r.max_age {
+                let newest = log.newest_timestamp(seg)?;
+                return Ok(newest.saturating_add(age.as_millis() as u64) < now);
+            }
+            Ok(false)
+        })?;
+        if removed > 0 {
+            tracing::info!(dir = %log.dir.display(), removed, first_offset = log.first_offset(), "retention removed segments");
+        }
+        Ok(removed)
+    }
+
+    /// Starts the housekeeping thread if it is not running (and the queue
+    /// is not closing).
+    pub(crate) fn ensure_housekeeping(self: &Arc<Self>) -> Result<()> {
+        let mut slot = self.housekeeper.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() || self.housekeeping.state.lock().unwrap_or_else(|e| e.into_inner()).stop {
+            return Ok(());
+        }
+        let (core, hk) = (Arc::downgrade(self), Arc::clone(&self.housekeeping));
+        let handle = std::thread::Builder::new()
+            .name("walq-housekeeping".into())
+            .spawn(move || Core::housekeep(core, hk))
+            .map_err(|e| Error::io("spawn housekeeping thread", &self.log.dir, e))?;
+        *slot = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the housekeeping thread and waits for it (so that it holds no
+    /// reference that would keep the directory locked).
+    fn stop_housekeeping(&self) {
+        {
+            let mut st = self.housekeeping.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.stop = true;
+            self.housekeeping.cond.notify_all();
+        }
+        let handle = self.housekeeper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle
+            && h.thread().id() != std::thread::current().id()
+        {
+            let _ = h.join();
+        }
+    }
+
+    /// The housekeeping thread: syncs `Interval` journal entries when due,
+    /// and applies retention after rolls, commits and once a second. Holds
+    /// the core only while working, never while waiting.
+    fn housekeep(core: Weak<Core>, hk: Arc<Housekeeping>) {
+        let mut next_retention = Instant::now();
+        loop {
+            let wake = {
+                let Some(c) = core.upgrade() else { return };
+                let journal_due = match c.journal.flush_due() {
+                    Ok(due) => due,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not sync consumer commits or acks; retrying");
+                        Some(Instant::now() + Duration::from_millis(100))
+                    }
+                };
+                let now = Instant::now();
+                if c.retention.is_active() && now >= next_retention {
+                    if let Err(e) = c.apply_retention() {
+                        tracing::error!(error = %e, "retention failed; retrying in a second");
+                    }
+                    next_retention = now + RETENTION_TICK;
+                }
+                let mut wake = if c.retention.is_active() { next_retention } else { now + RETENTION_TICK };
+                if let Some(t) = journal_due {
+                    wake = wake.min(t);
+                }
+                wake
+            };
+            let mut st = hk.state.lock().unwrap_or_else(|e| e.into_inner());
+            while !st.stop && !st.journal && !st.retention {
+                let now = Instant::now();
+                if now >= wake {
+                    break;
+                }
+                st = hk.cond.wait_timeout(st, wake - now).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            if st.stop {
+                return;
+            }
+            st.journal = false;
+            if std::mem::take(&mut st.retention) {
+                next_retention = Instant::now();
+            }
+        }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.stop_housekeeping();
+        if let Err(e) = self.journal.flush(true) {
+            tracing::error!(error = %e, "could not sync consumer commits and acks on close");
+        }
+    }
 }
 
 /// Figures about a queue at one instant.
@@ -82,6 +306,14 @@ pub struct Stats {
     pub segments: usize,
     /// Whether a failed write or sync poisoned the queue.
     pub poisoned: bool,
+    /// Segments retention removed since open.
+    pub segments_removed: u64,
+    /// Bytes of the segment files (tracked when retention by size or
+    /// `max_bytes` is set; 0 otherwise).
+    pub bytes_on_disk: u64,
+    /// Whether the consumer journal was damaged at open (positions fell back
+    /// to its last valid entry; see the log).
+    pub consumer_journal_damaged: bool,
 }
 
 impl Queue {
@@ -117,9 +349,74 @@ impl Queue {
             batch_bytes_max: b.batch_bytes_max,
             linger: b.linger,
             producers_lead: b.producers_lead,
+            clock: b.clock.clone(),
         };
+        let journal = Journal::load(Arc::clone(&b.storage), &b.dir, next)?;
+        if b.retention.max_bytes.is_some() || b.max_bytes.is_some() {
+            log.track_bytes()?;
+        }
         let flush = Arc::new(Flush::new(Writer::new(Arc::clone(&log), io_cfg, rec.active), flush_cfg));
-        Ok(Queue { flush, log, durability: b.durability, report: rec.report, _lock: rec.lock })
+        let core = Arc::new(Core {
+            log: Arc::clone(&log),
+            journal,
+            clock: b.clock.clone(),
+            retention: b.retention,
+            open_consumers: Mutex::new(HashSet::new()),
+            groups: Mutex::new(HashMap::new()),
+            housekeeping: Arc::new(Housekeeping::default()),
+            housekeeper: Mutex::new(None),
+            _lock: rec.lock,
+        });
+        let queue = Queue {
+            flush,
+            log,
+            core,
+            durability: b.durability,
+            report: rec.report,
+            options: b,
+        };
+        log_roll_hook(&queue.core);
+        if queue.core.retention.is_active() {
+            queue.core.ensure_housekeeping()?;
+        }
+        Ok(queue)
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Opens the dead-letter queue of group `name`: `dead-letters/<name>/`
+    /// in this queue's directory, with this queue's storage and clock.
+    pub(crate) fn open_dead_letters(&self, name: &str) -> Result<Queue> {
+        let mut b = self.options.clone();
+        b.dir = self.options.dir.join("dead-letters").join(name);
+        b.create = true;
+        b.durability = Durability::Sync;
+        b.retention = Retention::default();
+        b.max_bytes = None;
+        Queue::open_with(b)
+    }
+
+    /// Checks backpressure before an append of `len` encoded bytes; waits
+    /// for room only if `may_wait` (async appends never block their thread).
+    fn admit(&self, len: usize, may_wait: bool) -> Result<()> {
+        let Some(max) = self.options.max_bytes else { return Ok(()) };
+        let fits = || self.log.total_bytes() + self.flush.pending_bytes() as u64 + len as u64 <= max;
+        if fits() {
+            return Ok(());
+        }
+        self.core.retention_due();
+        match self.options.when_full {
+            WhenFull::Wait(d) if may_wait => {
+                if self.log.tail.wait_until(Instant::now() + d, fits) {
+                    Ok(())
+                } else {
+                    Err(Error::Full { max_bytes: max })
+                }
+            }
+            _ => Err(Error::Full { max_bytes: max }),
+        }
     }
 
     /// Appends one value with the queue's durability; returns its offset.
@@ -191,6 +488,9 @@ impl Queue {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn append_batch_with(&self, records: &[Record<'_>], durability: Durability) -> Result<Range<u64>> {
+        if self.options.max_bytes.is_some() {
+            self.admit(records.iter().map(Record::encoded_len).sum(), true)?;
+        }
         self.flush.append(records, durability)
     }
 
@@ -242,6 +542,11 @@ impl Queue {
         records: &[Record<'_>],
         durability: Durability,
     ) -> crate::AppendFuture {
+        if self.options.max_bytes.is_some()
+            && let Err(e) = self.admit(records.iter().map(Record::encoded_len).sum(), false)
+        {
+            return crate::AppendFuture::ready(Err(e));
+        }
         match self.flush.append_waiter(records, durability) {
             Ok((range, Some(waiter))) => crate::AppendFuture::waiting(range, waiter),
             Ok((range, None)) => crate::AppendFuture::ready(Ok(range)),
@@ -314,7 +619,168 @@ impl Queue {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn remove_before(&self, offset: u64) -> Result<usize> {
-        self.log.remove_before(offset)
+        self.log.remove_oldest_while(|seg, _| Ok(seg.end() <= offset))
+    }
+
+    /// A named consumer: resumes at its committed position, or, if it has
+    /// none, starts at the first record held ([`StartAt::Earliest`]) and saves
+    /// that position at once. One handle per name: a second open of the same
+    /// name while the first lives is [`Error::InUse`].
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"x")?;
+    /// let mut c = queue.consumer("billing")?;
+    /// assert_eq!(c.poll(10, std::time::Duration::ZERO)?.len(), 1);
+    /// c.commit_position()?;
+    /// assert_eq!(queue.consumers()[0].position, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn consumer(&self, name: &str) -> Result<Consumer> {
+        Consumer::open(&self.core, name, StartAt::Earliest)
+    }
+
+    /// A named consumer that, if it has no committed position yet, starts
+    /// where `start` says (an existing consumer resumes where it was).
+    ///
+    /// ```
+    /// use walq::StartAt;
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"old")?;
+    /// let c = queue.consumer_from("new-only", StartAt::Latest)?;
+    /// assert_eq!(c.position(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn consumer_from(&self, name: &str, start: StartAt) -> Result<Consumer> {
+        Consumer::open(&self.core, name, start)
+    }
+
+    /// Every named consumer with its committed position and lag, by name.
+    pub fn consumers(&self) -> Vec<ConsumerInfo> {
+        let next = self.log.visible();
+        self.core.journal.with_image(|img| {
+            img.consumers
+                .iter()
+                .map(|(name, &position)| ConsumerInfo {
+                    name: name.clone(),
+                    position,
+                    lag: next.saturating_sub(position),
+                })
+                .collect()
+        })
+    }
+
+    /// Deletes a named consumer's saved position (durably). It must not be
+    /// open ([`Error::InUse`]) and must exist ([`Error::UnknownConsumer`]).
+    pub fn delete_consumer(&self, name: &str) -> Result<()> {
+        check_name("consumer", name)?;
+        if self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner()).contains(name) {
+            return Err(Error::InUse { name: name.to_string() });
+        }
+        if !self.core.journal.with_image(|img| img.consumers.contains_key(name)) {
+            return Err(Error::UnknownConsumer { kind: "consumer", name: name.to_string() });
+        }
+        self.core.journal.record(&[Entry::DeleteConsumer { name: name.to_string() }], Durability::Sync)?;
+        self.core.retention_due();
+        Ok(())
+    }
+
+    /// Sets a named consumer's saved position (it must not be open): what
+    /// `walq consumer reset` does.
+    pub fn reset_consumer(&self, name: &str, start: StartAt) -> Result<u64> {
+        check_name("consumer", name)?;
+        if self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner()).contains(name) {
+            return Err(Error::InUse { name: name.to_string() });
+        }
+        let offset = self.core.resolve_start(start)?;
+        self.core.journal.record(&[Entry::Commit { name: name.to_string(), offset }], Durability::Sync)?;
+        self.core.retention_due();
+        Ok(offset)
+    }
+
+    /// A consumer group (competing workers with acks, redelivery and dead
+    /// letters): options, then [`GroupBuilder::open`]. See [`crate::Group`].
+    pub fn group(&self, name: &str) -> GroupBuilder<'_> {
+        GroupBuilder::new(self, name)
+    }
+
+    /// Every group: open ones with their live state, others as saved.
+    pub fn groups(&self) -> Vec<GroupInfo> {
+        let next = self.log.visible();
+        let open: HashMap<String, crate::Group> = {
+            let g = self.core.groups.lock().unwrap_or_else(|e| e.into_inner());
+            g.iter().filter_map(|(n, w)| Some((n.clone(), crate::Group::from_shared(w.upgrade()?)))).collect()
+        };
+        self.core.journal.with_image(|img| {
+            img.groups
+                .iter()
+                .map(|(name, g)| match open.get(name) {
+                    Some(live) => live.info(),
+                    None => GroupInfo::saved(name, g, next),
+                })
+                .collect()
+        })
+    }
+
+    /// Deletes a group's saved state (durably; its dead-letter queue stays).
+    /// It must not be open ([`Error::InUse`]) and must exist.
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        check_name("group", name)?;
+        let open = self.core.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if open.get(name).is_some_and(|w| w.strong_count() > 0) {
+            return Err(Error::InUse { name: name.to_string() });
+        }
+        if !self.core.journal.with_image(|img| img.groups.contains_key(name)) {
+            return Err(Error::UnknownConsumer { kind: "group", name: name.to_string() });
+        }
+        self.core.journal.record(&[Entry::DeleteGroup { name: name.to_string() }], Durability::Sync)?;
+        drop(open);
+        self.core.retention_due();
+        Ok(())
+    }
+
+    /// The first offset whose record's timestamp is at or after `unix_ms`
+    /// (the end of the log if none is).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// for ts in [1_000, 2_000, 3_000] {
+    ///     queue.append_record(&walq::Record::new(b"x").timestamp_ms(ts))?;
+    /// }
+    /// assert_eq!(queue.offset_for_timestamp(1_500)?, 1);
+    /// assert_eq!(queue.offset_for_timestamp(9_000)?, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn offset_for_timestamp(&self, unix_ms: u64) -> Result<u64> {
+        self.core.offset_for_timestamp(unix_ms)
+    }
+
+    /// Applies the retention policy now (the background thread also does,
+    /// after rolls and once a second); returns how many segments went.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let clock = walq::ManualClock::new(0);
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::builder(dir.path())
+    ///     .segment_bytes(4096)
+    ///     .clock(&clock)
+    ///     .retention(walq::Retention::default().max_age(Duration::from_secs(60)))
+    ///     .open()?;
+    /// for _ in 0..100 {
+    ///     queue.append_with(&[1u8; 100], walq::Durability::Os)?;
+    /// }
+    /// queue.flush()?;
+    /// clock.advance(Duration::from_secs(61));
+    /// queue.apply_retention()?;
+    /// assert_eq!(queue.stats().segments, 1); // only the active one is left
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn apply_retention(&self) -> Result<usize> {
+        self.core.apply_retention()
     }
 
     /// Counters and watermarks.
@@ -352,6 +818,9 @@ impl Queue {
             visible_offset: self.log.visible(),
             segments: self.log.segment_count(),
             poisoned: f.poisoned,
+            segments_removed: self.log.segments_removed(),
+            bytes_on_disk: self.log.total_bytes(),
+            consumer_journal_damaged: self.core.journal.damaged(),
         }
     }
 
@@ -360,20 +829,37 @@ impl Queue {
     /// an error. On a poisoned queue this is [`Error::Poisoned`]: what was
     /// appended without `Sync` since the failure may not be on disk.
     pub fn close(self) -> Result<()> {
+        self.core.stop_housekeeping();
         self.flush.stop_background();
         let result = self.flush.final_flush();
+        let journal = self.core.journal.flush(true);
         drop(self);
-        result
+        result.and(journal)
     }
 }
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        self.core.stop_housekeeping();
         self.flush.stop_background();
         if !self.flush.is_poisoned()
             && let Err(e) = self.flush.final_flush()
         {
             tracing::error!(error = %e, "flush on drop failed; records appended without Sync may be lost");
         }
+    }
+}
+
+/// Rolls wake the housekeeping thread (retention may have work).
+fn log_roll_hook(core: &Arc<Core>) {
+    if core.retention.is_active() {
+        let hk = Arc::downgrade(&core.housekeeping);
+        core.log.set_roll_hook(Box::new(move || {
+            if let Some(hk) = hk.upgrade() {
+                let mut st = hk.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.retention = true;
+                hk.cond.notify_one();
+            }
+        }));
     }
 }

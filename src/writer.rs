@@ -249,6 +249,7 @@ impl Writer {
         log::write_sealed_index(storage, dir, self.active.base, &entries, self.written, data_len)?;
 
         let base = self.written;
+        let old_len = self.file_len;
         let seg_path = dir.join(segment::segment_name(base));
         let idx_path = dir.join(segment::index_name(base));
         let prealloc = self.cfg.preallocate_bytes.min(self.cfg.segment_bytes);
@@ -268,6 +269,7 @@ impl Writer {
         self.active.set_data_len(self.pos);
         // Readers learn the old segment's end before any offset of the new one is visible.
         old.seal(base);
+        self.log.count_sealed(&old, old_len);
         self.log.push_segment(Arc::clone(&self.active));
         self.counters.rolls += 1;
         tracing::debug!(segment = %seg_path.display(), "rolled to a new segment");
