@@ -46,6 +46,7 @@ mod fs;
 mod future;
 mod group;
 mod index;
+pub mod inspect;
 mod journal;
 mod log;
 #[allow(unsafe_code)]

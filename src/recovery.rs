@@ -105,10 +105,11 @@ pub(crate) fn recover(
         } else if let Some(base) = segment::parse_name(&name, INDEX_EXT) {
             indexes.push(base);
         } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some())
+            || name.strip_suffix(TEMP_SUFFIX) == Some(LAST_RECOVERY_FILE)
         {
             // A write-then-rename of ours interrupted by a crash; the rename never happened.
             temps.push(dir.join(&name));
-        } else if name != LOCK_FILE {
+        } else if name != LOCK_FILE && name != LAST_RECOVERY_FILE {
             tracing::debug!(file = %name, "ignoring a file walq does not own");
         }
     }
@@ -194,6 +195,9 @@ pub(crate) fn recover(
     report.first_offset = segments[0].base;
     report.next_offset = active.next_offset;
     report.duration = started.elapsed();
+    if report.bytes_cut > 0 || report.indexes_rebuilt > 0 || report.unfinished_segments_removed > 0 {
+        write_last_recovery(storage, dir, &report)?;
+    }
     if report.bytes_cut > 0 {
         tracing::warn!(?report, "recovery cut an unsynced torn tail");
     } else {
@@ -347,6 +351,39 @@ fn recover_active(
         index_entries: entries.len() as u64,
     };
     Ok((active, rebuilt))
+}
+
+/// The file in which a recovery that cut, rebuilt or removed something says
+/// what it did, for `walq inspect` (the [`RecoveryReport`] of a later open
+/// says only what that open did): `key=value` lines in ASCII, `#` comments,
+/// keys as in [`RecoveryReport`] plus `unix_time_ms`, `cut_file` and
+/// `cut_position`. Replaced atomically (`last-recovery.tmp`, a leftover of
+/// which the next open removes); never read by recovery itself.
+pub(crate) const LAST_RECOVERY_FILE: &str = "last-recovery";
+
+/// Writes [`LAST_RECOVERY_FILE`] atomically (temp file, fdatasync, rename,
+/// directory fsync). A failure fails the open like any failed storage call
+/// of recovery (a rerun finds the cut already made and durable).
+fn write_last_recovery(storage: &dyn Storage, dir: &Path, report: &RecoveryReport) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::from("# what the last walq recovery that changed something did\n");
+    let unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let _ = writeln!(text, "unix_time_ms={unix_ms}");
+    let _ = writeln!(text, "next_offset={}", report.next_offset);
+    let _ = writeln!(text, "bytes_cut={}", report.bytes_cut);
+    let _ = writeln!(text, "records_cut={}", report.records_cut);
+    if let Some((path, position)) = &report.cut_at {
+        let name =
+            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
+        let _ = writeln!(text, "cut_file={name}");
+        let _ = writeln!(text, "cut_position={position}");
+    }
+    let _ = writeln!(text, "indexes_rebuilt={}", report.indexes_rebuilt);
+    let _ = writeln!(text, "unfinished_segments_removed={}", report.unfinished_segments_removed);
+    let _ = writeln!(text, "temp_files_removed={}", report.temp_files_removed);
+    log::write_file_atomic(storage, dir, LAST_RECOVERY_FILE, text.as_bytes())?;
+    storage.sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))
 }
 
 /// How long open keeps trying a busy directory lock before `Locked`: a lock
