@@ -52,6 +52,9 @@ pub enum OtherKind {
     Lock,
     /// `last-recovery`: what the last recovery that changed something did.
     LastRecovery,
+    /// `consumers.journal` (named consumers' positions) or `dead-letters/`
+    /// (consumer groups' dead-letter queues).
+    Consumers,
     /// A temporary file of an interrupted atomic write, or an index whose
     /// segment retention already removed: the next open removes it.
     Leftover,
@@ -62,11 +65,12 @@ pub enum OtherKind {
 }
 
 impl OtherKind {
-    /// A short lowercase name: `lock`, `last-recovery`, `leftover`, `orphan index`, `foreign`.
+    /// A short lowercase name: `lock`, `last-recovery`, `consumers`, `leftover`, `orphan index`, `foreign`.
     pub fn as_str(self) -> &'static str {
         match self {
             OtherKind::Lock => "lock",
             OtherKind::LastRecovery => "last-recovery",
+            OtherKind::Consumers => "consumers",
             OtherKind::Leftover => "leftover",
             OtherKind::OrphanIndex => "orphan index",
             OtherKind::Foreign => "foreign",
@@ -111,6 +115,8 @@ fn list(storage: &dyn Storage, dir: &Path) -> Result<Listing> {
                 OtherKind::Lock
             } else if name == LAST_RECOVERY_FILE {
                 OtherKind::LastRecovery
+            } else if name == crate::journal::JOURNAL_FILE || name == "dead-letters" {
+                OtherKind::Consumers
             } else if name
                 .strip_suffix(TEMP_SUFFIX)
                 .is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some() || n == LAST_RECOVERY_FILE)
@@ -1505,6 +1511,7 @@ mod tests {
         assert!(matches!(s.segments.last().unwrap().index, IndexStatus::Active { synced_mark: Some(_), .. }));
         assert!(!s.locked && s.torn_tail().is_none() && s.last_recovery.is_none());
         assert!(s.other_files.iter().any(|f| f.kind == OtherKind::Lock));
+        assert!(s.other_files.iter().all(|f| f.kind != OtherKind::Foreign), "{:?}", s.other_files);
         assert_eq!(before, snapshot(dir.path()), "a survey changed the directory");
         Ok(())
     }
