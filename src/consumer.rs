@@ -90,7 +90,8 @@ impl Consumer {
             Some(p) => p,
             None => {
                 let p = core.resolve_start(start)?;
-                core.journal.record(&[Entry::Commit { name: name.to_string(), offset: p }], Durability::Sync)?;
+                core.journal
+                    .record(&[Entry::Commit { name: name.to_string(), offset: p }], Durability::Sync)?;
                 p
             }
         };

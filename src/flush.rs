@@ -729,7 +729,6 @@ fn pause(d: Duration) {
     }
 }
 
-
 /// A loom model check of the protocol above: the real `Flush`, on loom's
 /// locks, condvar and threads, over a fake tail that checks every write and
 /// sync. Loom runs each scenario in every interleaving (up to a preemption

@@ -166,15 +166,13 @@ impl<'q> GroupBuilder<'q> {
             Some(img) => img,
             None => {
                 let floor = core.resolve_start(self.opts.start)?;
-                core.journal.record(&[Entry::GroupCreate { name: self.name.clone(), floor }], Durability::Sync)?;
+                core.journal
+                    .record(&[Entry::GroupCreate { name: self.name.clone(), floor }], Durability::Sync)?;
                 GroupImage { floor, next: floor, ..Default::default() }
             }
         };
-        let dead_letters = if self.opts.dead_letters {
-            Some(self.queue.open_dead_letters(&self.name)?)
-        } else {
-            None
-        };
+        let dead_letters =
+            if self.opts.dead_letters { Some(self.queue.open_dead_letters(&self.name)?) } else { None };
         if matches!(self.opts.ack_durability, Durability::Interval(_)) {
             core.ensure_housekeeping()?;
         }
@@ -503,7 +501,10 @@ impl Group {
         st.mark_done(o);
         st.stats.acked += 1;
         let durability = self.shared.opts.ack_durability;
-        self.shared.core.journal.record(&[Entry::Done { name: self.shared.name.clone(), offsets: vec![o] }], durability)?;
+        self.shared
+            .core
+            .journal
+            .record(&[Entry::Done { name: self.shared.name.clone(), offsets: vec![o] }], durability)?;
         drop(st);
         if freed {
             self.changed();
@@ -652,11 +653,7 @@ impl Group {
                     self.dead_letter(&mut st, o, count, "max_deliver")?;
                     continue;
                 }
-                let record = if redelivery {
-                    read_at(&mut st, core, o)?
-                } else {
-                    read_fresh(&mut st, o)?
-                };
+                let record = if redelivery { read_at(&mut st, core, o)? } else { read_fresh(&mut st, o)? };
                 let Some(record) = record else {
                     // Removed by retention meanwhile.
                     st.stats.skipped += 1;
@@ -701,7 +698,8 @@ impl Group {
             if elapsed >= timeout {
                 return Ok(out);
             }
-            let timer = st.ready.first().map(|r| r.0).into_iter().chain(st.deadlines.first().map(|d| d.0)).min();
+            let timer =
+                st.ready.first().map(|r| r.0).into_iter().chain(st.deadlines.first().map(|d| d.0)).min();
             let mut deadline = started + timeout;
             if let Some(t) = timer {
                 deadline = deadline.min(Instant::now() + Duration::from_millis(t.saturating_sub(now).max(1)));
@@ -746,7 +744,10 @@ impl Group {
             st.next = first;
             st.fresh.seek(first);
         }
-        self.shared.core.journal.record(&[Entry::Skip { name: self.shared.name.clone(), to: first }], Durability::Os)
+        self.shared
+            .core
+            .journal
+            .record(&[Entry::Skip { name: self.shared.name.clone(), to: first }], Durability::Os)
     }
 }
 

@@ -51,17 +51,36 @@ const KIND_SKIP: u8 = 7;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Entry {
     /// A named consumer's position: the next offset it reads.
-    Commit { name: String, offset: u64 },
-    DeleteConsumer { name: String },
+    Commit {
+        name: String,
+        offset: u64,
+    },
+    DeleteConsumer {
+        name: String,
+    },
     /// Creates (or resets) a group starting at `floor`.
-    GroupCreate { name: String, floor: u64 },
+    GroupCreate {
+        name: String,
+        floor: u64,
+    },
     /// Records handed out, with their delivery counts.
-    Delivered { name: String, items: Vec<(u64, u32)> },
+    Delivered {
+        name: String,
+        items: Vec<(u64, u32)>,
+    },
     /// Records acknowledged or dead-lettered: never delivered again.
-    Done { name: String, offsets: Vec<u64> },
-    DeleteGroup { name: String },
+    Done {
+        name: String,
+        offsets: Vec<u64>,
+    },
+    DeleteGroup {
+        name: String,
+    },
     /// Everything below `to` is gone (retention removed it, or a reset).
-    Skip { name: String, to: u64 },
+    Skip {
+        name: String,
+        to: u64,
+    },
 }
 
 /// A group's persisted state.
@@ -105,7 +124,8 @@ impl Image {
                 self.consumers.remove(name);
             }
             Entry::GroupCreate { name, floor } => {
-                self.groups.insert(name.clone(), GroupImage { floor: *floor, next: *floor, ..Default::default() });
+                self.groups
+                    .insert(name.clone(), GroupImage { floor: *floor, next: *floor, ..Default::default() });
             }
             Entry::Delivered { name, items } => {
                 if let Some(g) = self.groups.get_mut(name) {
@@ -368,17 +388,21 @@ pub(crate) fn parse(data: &[u8], path: &Path) -> Result<Parsed> {
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
     if version > JOURNAL_VERSION {
-        return Err(Error::UnsupportedFormat { path: path.into(), found: version, supported: JOURNAL_VERSION });
+        return Err(Error::UnsupportedFormat {
+            path: path.into(),
+            found: version,
+            supported: JOURNAL_VERSION,
+        });
     }
     let mut pos = JOURNAL_HEADER_LEN;
-    loop {
-        let Some(frame) = data.get(pos..pos + ENTRY_HEADER_LEN) else { break };
+    while let Some(frame) = data.get(pos..pos + ENTRY_HEADER_LEN) {
         let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(frame[4..].try_into().expect("4 bytes"));
         if len == 0 && crc == 0 {
             break; // the preallocated zeros: the end
         }
-        let body = (len <= ENTRY_BODY_MAX).then(|| data.get(pos + ENTRY_HEADER_LEN..pos + ENTRY_HEADER_LEN + len));
+        let body =
+            (len <= ENTRY_BODY_MAX).then(|| data.get(pos + ENTRY_HEADER_LEN..pos + ENTRY_HEADER_LEN + len));
         let entry = match body.flatten() {
             Some(body) if crc32c::crc32c(body) == crc => decode_body(body),
             _ => None,
@@ -440,7 +464,8 @@ impl Journal {
                 let len_usize =
                     usize::try_from(len).map_err(|_| Error::corrupt(&path, 0, "journal too large"))?;
                 let mut data = vec![0u8; len_usize];
-                crate::fs::read_exact_at(f.as_ref(), &mut data, 0).map_err(|e| Error::io("read", &path, e))?;
+                crate::fs::read_exact_at(f.as_ref(), &mut data, 0)
+                    .map_err(|e| Error::io("read", &path, e))?;
                 // What this open saw must be what the next one sees, even
                 // after a power cut: the entries a crashed process left in
                 // the page cache become durable now (as the log's tail does).
@@ -461,7 +486,8 @@ impl Journal {
         if clamped {
             tracing::warn!(journal = %path.display(), next_offset, "consumer positions past the log end were moved back to it");
         }
-        let rewrite = file.is_none() || parsed.dirty_tail || clamped || parsed.valid_end < JOURNAL_HEADER_LEN as u64;
+        let rewrite =
+            file.is_none() || parsed.dirty_tail || clamped || parsed.valid_end < JOURNAL_HEADER_LEN as u64;
         Ok(Journal {
             storage,
             dir: dir.to_path_buf(),
@@ -532,13 +558,17 @@ impl Journal {
     }
 
     fn write_out(&self, inner: &mut Inner, sync: bool) -> Result<()> {
+        if inner.buf.is_empty() && !(sync && inner.unsynced) {
+            return Ok(()); // nothing to write: never create or rewrite the file for nothing
+        }
         let result = (|| {
             if inner.rewrite || inner.end + inner.buf.len() as u64 > inner.room {
                 return self.rewrite(inner);
             }
             if !inner.buf.is_empty() {
                 let file = self.file(inner)?;
-                write_all_at(file.as_ref(), &inner.buf, inner.end).map_err(|e| Error::io("write", &self.path, e))?;
+                write_all_at(file.as_ref(), &inner.buf, inner.end)
+                    .map_err(|e| Error::io("write", &self.path, e))?;
                 inner.end += inner.buf.len() as u64;
                 inner.buf.clear();
                 inner.due = None;

@@ -58,23 +58,23 @@ mod recovery;
 mod segment;
 mod writer;
 
+pub use clock::ManualClock;
 pub use config::{
     BATCH_BYTES_DEFAULT, Durability, OS_WRITE_DELAY, PREALLOCATE_BYTES_DEFAULT, QueueBuilder,
-    RECORD_BYTES_DEFAULT, RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
-    Retention, WRITE_BUFFER_BYTES_DEFAULT, WhenFull,
+    RECORD_BYTES_DEFAULT, RECORD_BYTES_MAX, Retention, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX,
+    SEGMENT_BYTES_MIN, WRITE_BUFFER_BYTES_DEFAULT, WhenFull,
 };
-pub use clock::ManualClock;
 #[cfg(feature = "async")]
 pub use consumer::ConsumerStream;
 pub use consumer::{Consumer, ConsumerInfo, StartAt};
 pub use error::{Error, Result};
+pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
+#[cfg(feature = "async")]
+pub use future::AppendFuture;
 pub use group::{
     ACK_DURABILITY_DEFAULT, ACK_WAIT_DEFAULT, Delivery, DeliveryId, Group, GroupBuilder, GroupInfo,
     GroupStats, MAX_DELIVER_DEFAULT, PREFETCH_DEFAULT, Worker, dead_letter_headers,
 };
-pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
-#[cfg(feature = "async")]
-pub use future::AppendFuture;
 pub use queue::{Queue, Stats};
 pub use reader::Reader;
 pub use record::{Headers, OwnedRecord, Record, RecordRef};

@@ -204,6 +204,7 @@ impl TailNotify {
 
     /// Registers an async waker, then re-checks `ready` (so a change between
     /// the caller's check and the registration is not lost). Returns `ready()`.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
     pub(crate) fn register(&self, waker: &std::task::Waker, ready: impl FnOnce() -> bool) -> bool {
         {
             let mut w = self.wakers.lock().unwrap_or_else(|e| e.into_inner());

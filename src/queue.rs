@@ -367,14 +367,7 @@ impl Queue {
             housekeeper: Mutex::new(None),
             _lock: rec.lock,
         });
-        let queue = Queue {
-            flush,
-            log,
-            core,
-            durability: b.durability,
-            report: rec.report,
-            options: b,
-        };
+        let queue = Queue { flush, log, core, durability: b.durability, report: rec.report, options: b };
         log_roll_hook(&queue.core);
         if queue.core.retention.is_active() {
             queue.core.ensure_housekeeping()?;

@@ -62,7 +62,11 @@ impl World {
     fn check_delivery(&mut self, d: &Delivery, ctx: &str) {
         let o = d.offset();
         assert!(!self.done_sure.contains(&o), "{ctx}: offset {o} delivered after a durable ack");
-        assert!(d.delivery_count() <= MAX_DELIVER, "{ctx}: offset {o} delivered {} times", d.delivery_count());
+        assert!(
+            d.delivery_count() <= MAX_DELIVER,
+            "{ctx}: offset {o} delivered {} times",
+            d.delivery_count()
+        );
         assert_eq!(d.record().value, self.log.attempted[o as usize], "{ctx}: offset {o} has the wrong value");
         let last = self.counts.get(&o).copied().unwrap_or(0);
         assert!(d.delivery_count() > last, "{ctx}: offset {o} count {} after {last}", d.delivery_count());
@@ -128,8 +132,12 @@ fn run(seed: u64, ops: u64) -> u64 {
             w.commits
         );
         w.commits = vec![pos];
-        let Ok(group) =
-            queue.group("g").max_deliver(MAX_DELIVER).ack_wait(ACK_WAIT).ack_durability(w.ack_durability).open()
+        let Ok(group) = queue
+            .group("g")
+            .max_deliver(MAX_DELIVER)
+            .ack_wait(ACK_WAIT)
+            .ack_durability(w.ack_durability)
+            .open()
         else {
             drop((consumer, queue));
             w.disk.crash();
@@ -148,8 +156,9 @@ fn run(seed: u64, ops: u64) -> u64 {
                 0..=24 => {
                     let offset = w.log.attempted.len() as u64;
                     let n = 1 + rng.below(3);
-                    let values: Vec<Vec<u8>> =
-                        (0..n).map(|i| value_for(offset + i, w.generation, 20 + rng.below(300) as usize)).collect();
+                    let values: Vec<Vec<u8>> = (0..n)
+                        .map(|i| value_for(offset + i, w.generation, 20 + rng.below(300) as usize))
+                        .collect();
                     let records: Vec<Record<'_>> = values.iter().map(|v| Record::new(v)).collect();
                     w.log.attempted.extend(values.iter().cloned());
                     match queue.append_batch(&records) {
@@ -165,7 +174,10 @@ fn run(seed: u64, ops: u64) -> u64 {
                     match got {
                         Ok(records) => {
                             for r in records {
-                                assert_eq!(r.value, w.log.attempted[r.offset as usize], "{ctx}: consumer read");
+                                assert_eq!(
+                                    r.value, w.log.attempted[r.offset as usize],
+                                    "{ctx}: consumer read"
+                                );
                             }
                             let to = consumer.position();
                             let durable = rng.chance(50);
@@ -310,7 +322,9 @@ fn drain(w: &mut World, seed: u64) {
     let dlq = group.dead_letters().unwrap();
     let mut r = dlq.read_from(dlq.first_offset()).unwrap();
     while let Some(rec) = r.next().unwrap() {
-        let get = |name: &str| -> String { String::from_utf8(rec.header(name.as_bytes()).unwrap().to_vec()).unwrap() };
+        let get = |name: &str| -> String {
+            String::from_utf8(rec.header(name.as_bytes()).unwrap().to_vec()).unwrap()
+        };
         let o: u64 = get(h::ORIGINAL_OFFSET).parse().unwrap();
         let count: u32 = get(h::DELIVERY_COUNT).parse().unwrap();
         assert_eq!(rec.value(), &w.log.attempted[o as usize][..], "{ctx}: dead letter {o} value");

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::sim_dir;
 use walq::{
-    Durability, Error, Fault, FaultKind, FaultOp, ManualClock, Queue, Record, Retention, SimDisk, StartAt, WhenFull,
+    Durability, Error, Fault, FaultKind, FaultOp, ManualClock, Queue, Record, Retention, SimDisk, StartAt,
+    WhenFull,
 };
 
 fn values(records: &[walq::OwnedRecord]) -> Vec<Vec<u8>> {

@@ -96,7 +96,10 @@ fn unacknowledged_deliveries_come_back_after_the_ack_wait_with_their_count_raise
     assert!(w.fetch(10, Z).unwrap().is_empty());
     clock.advance(Duration::from_secs(2));
     let again = w.fetch(10, Z).unwrap();
-    assert_eq!(again.iter().map(|d| (d.offset(), d.delivery_count())).collect::<Vec<_>>(), [(0, 2), (1, 2), (2, 2)]);
+    assert_eq!(
+        again.iter().map(|d| (d.offset(), d.delivery_count())).collect::<Vec<_>>(),
+        [(0, 2), (1, 2), (2, 2)]
+    );
     // A late ack of the first delivery still counts; a nack of it is refused.
     assert!(matches!(w.nack(held[1].id(), Z), Err(Error::DeliveryNotPending { offset: 1 })));
     w.ack(held[0].id()).unwrap();
@@ -193,7 +196,8 @@ fn after_a_restart_unacknowledged_deliveries_come_back_and_acknowledged_ones_do_
         let group = queue.group("g").open().unwrap();
         assert_eq!(group.info().waiting_redelivery, 3);
         let mut w = group.worker();
-        let got: Vec<(u64, u32)> = w.fetch(100, Z).unwrap().iter().map(|d| (d.offset(), d.delivery_count())).collect();
+        let got: Vec<(u64, u32)> =
+            w.fetch(100, Z).unwrap().iter().map(|d| (d.offset(), d.delivery_count())).collect();
         assert_eq!(got, [(1, 2), (3, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 1)], "{durability:?}");
     }
 }
