@@ -1,8 +1,9 @@
 //! Read-only inspection of a queue directory, for tools such as `walq
-//! inspect`, `verify`, `dump`, `tail` and `repair`: a survey of the segments,
-//! a full verification with pread (no maps), a record reader that needs no
-//! lock, and a repair plan. Invariant: nothing here writes, creates or takes
-//! the directory lock, except [`RepairPlan::apply`], which holds the lock.
+//! inspect`, `verify`, `dump`, `tail`, `consumer list` and `repair`: a survey
+//! of the segments, the saved consumers and groups, a full verification with
+//! pread (no maps), a record reader that needs no lock, and a repair plan.
+//! Invariant: nothing here writes, creates or takes the directory lock,
+//! except [`RepairPlan::apply`], which holds the lock.
 //!
 //! Everything works on a directory a live [`Queue`](crate::Queue) holds, too:
 //! it then sees whatever the writer has handed to the OS so far, which may
@@ -115,7 +116,7 @@ fn list(storage: &dyn Storage, dir: &Path) -> Result<Listing> {
                 OtherKind::Lock
             } else if name == LAST_RECOVERY_FILE {
                 OtherKind::LastRecovery
-            } else if name == crate::journal::JOURNAL_FILE || name == "dead-letters" {
+            } else if name == crate::journal::JOURNAL_FILE || name == DEAD_LETTERS_DIR {
                 OtherKind::Consumers
             } else if name
                 .strip_suffix(TEMP_SUFFIX)
@@ -729,6 +730,261 @@ fn survey_segment(
         index: idx.status,
         end,
         active,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Consumers and groups, from the consumer journal.
+
+/// Largest consumer journal read. The journal is compacted to a snapshot of
+/// the state whenever its preallocated room runs out, so even a group with
+/// millions of acknowledged offsets above its floor stays far below this.
+const JOURNAL_BYTES_MAX: u64 = 1 << 30;
+
+/// Reads of a live queue's journal when it looks damaged: an entry being
+/// written at that instant looks like a torn one, so read again, briefly.
+const JOURNAL_READ_ATTEMPTS: u32 = 3;
+
+/// The name of the directory holding the groups' dead-letter queues.
+const DEAD_LETTERS_DIR: &str = "dead-letters";
+
+/// A named consumer's saved position, from [`consumers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SavedConsumer {
+    /// The consumer's name.
+    pub name: String,
+    /// The committed position: the offset it reads next after a restart.
+    pub position: u64,
+    /// Records at or after the position: the log's next offset − `position`.
+    pub lag: u64,
+}
+
+/// A consumer group's saved acknowledgement state, from [`consumers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SavedGroup {
+    /// The group's name.
+    pub name: String,
+    /// Every record below this offset is done (acknowledged or dead-lettered).
+    pub ack_floor: u64,
+    /// One past the highest offset the group delivered or finished: records
+    /// from here on were never delivered.
+    pub delivered_to: u64,
+    /// Records delivered and not done. The journal does not say which of
+    /// them a worker holds and which wait for redelivery (a group that is
+    /// not open redelivers all of them first), so this is not
+    /// [`GroupInfo::pending`](crate::GroupInfo::pending), which counts only
+    /// deliveries in flight.
+    pub pending: u64,
+    /// Records at or above the ack floor that are done (acknowledged out of
+    /// order, or dead-lettered), up to the log's end.
+    pub done_above_floor: u64,
+    /// Records appended and not done: the log's next offset − `ack_floor` −
+    /// `done_above_floor`.
+    pub unacked: u64,
+    /// Records held by its dead-letter queue (`dead-letters/<group>/`), if
+    /// that directory exists.
+    pub dead_letters: Option<u64>,
+}
+
+/// Where and why reading the consumer journal stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JournalDamage {
+    /// The byte position of the first entry (or header) that is not valid.
+    pub position: u64,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// Named consumers and consumer groups of a queue directory, as its
+/// `consumers.journal` saves them, from [`consumers`] or [`Survey::consumers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerState {
+    /// The journal's path.
+    pub journal: PathBuf,
+    /// Whether the journal exists (it is created by the first consumer or group).
+    pub journal_exists: bool,
+    /// Valid journal entries read.
+    pub entries: u64,
+    /// Damage that stopped the reading: the state is then the one of the
+    /// last valid entry before it, which is what the next open uses too.
+    pub damage: Option<JournalDamage>,
+    /// The log's next offset, which lags and counts are measured against.
+    pub next_offset: u64,
+    /// Some saved position was past the log's end (a crash took records
+    /// back): shown at the end, where the next open moves it (never set
+    /// while a live queue holds the directory).
+    pub clamped: bool,
+    /// The consumers, by name.
+    pub consumers: Vec<SavedConsumer>,
+    /// The groups, by name.
+    pub groups: Vec<SavedGroup>,
+}
+
+impl ConsumerState {
+    /// The consumer called `name`, if it exists.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"x")?;
+    /// queue.consumer_from("billing", walq::StartAt::Latest)?;
+    /// drop(queue);
+    /// let state = walq::inspect::consumers(dir.path())?;
+    /// assert_eq!(state.consumer("billing").map(|c| c.position), Some(1));
+    /// assert!(state.consumer("nobody").is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn consumer(&self, name: &str) -> Option<&SavedConsumer> {
+        self.consumers.iter().find(|c| c.name == name)
+    }
+
+    /// The group called `name`, if it exists.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"job")?;
+    /// drop(queue.group("workers").open()?);
+    /// drop(queue);
+    /// let state = walq::inspect::consumers(dir.path())?;
+    /// assert_eq!(state.group("workers").map(|g| g.unacked), Some(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn group(&self, name: &str) -> Option<&SavedGroup> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+/// Reads the named consumers and consumer groups of a queue directory from
+/// its `consumers.journal`, without modifying anything and without the
+/// lock: each consumer's position and lag, each group's ack floor and
+/// counts, the record count of each group's dead-letter queue, and journal
+/// damage if any. Lags are measured against the log's next offset as
+/// [`survey`] finds it. A directory without a journal has none of either.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let queue = walq::Queue::open(dir.path())?;
+/// queue.append_batch(&[walq::Record::new(b"a"), walq::Record::new(b"b")])?;
+/// let mut consumer = queue.consumer("billing")?;
+/// consumer.commit(1)?;
+/// let state = walq::inspect::consumers(dir.path())?; // works while the queue is open
+/// assert_eq!(state.consumers[0].name, "billing");
+/// assert_eq!((state.consumers[0].position, state.consumers[0].lag), (1, 1));
+/// assert!(state.damage.is_none());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn consumers(dir: &Path) -> Result<ConsumerState> {
+    // The journal before the log: a live queue then cannot commit a position
+    // past the end the survey finds.
+    let journal = read_journal(&RealFs, dir)?;
+    let s = survey(dir)?;
+    consumer_state(&s, journal)
+}
+
+impl Survey {
+    /// The directory's named consumers and groups ([`consumers`]), measured
+    /// against this survey's next offset.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"x")?;
+    /// drop(queue.consumer("c")?);
+    /// drop(queue);
+    /// let survey = walq::inspect::survey(dir.path())?;
+    /// let state = survey.consumers()?;
+    /// assert_eq!((state.consumers[0].position, state.consumers[0].lag), (0, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn consumers(&self) -> Result<ConsumerState> {
+        let journal = read_journal(&RealFs, &self.dir)?;
+        consumer_state(self, journal)
+    }
+}
+
+/// The journal's bytes, replayed; `None` if there is no journal.
+fn read_journal(storage: &dyn Storage, dir: &Path) -> Result<Option<crate::journal::Parsed>> {
+    let path = dir.join(crate::journal::JOURNAL_FILE);
+    let mut attempt = 1;
+    loop {
+        let f = match storage.open_read(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                list(storage, dir)?; // a missing directory is NotFound
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let len = f.len().map_err(|e| Error::io("stat", &path, e))?;
+        if len > JOURNAL_BYTES_MAX {
+            return Err(Error::corrupt(
+                &path,
+                0,
+                format!("{len} bytes, more than a journal ever holds ({JOURNAL_BYTES_MAX})"),
+            ));
+        }
+        let mut data = vec![0u8; len as usize];
+        read_exact_at(f.as_ref(), &mut data, 0).map_err(|e| Error::io("read", &path, e))?;
+        let parsed = crate::journal::parse(&data, &path)?;
+        if parsed.damage.is_none() || attempt >= JOURNAL_READ_ATTEMPTS || !is_locked(dir)? {
+            return Ok(Some(parsed));
+        }
+        attempt += 1;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn consumer_state(s: &Survey, journal: Option<crate::journal::Parsed>) -> Result<ConsumerState> {
+    let next = s.next_offset();
+    let journal_exists = journal.is_some();
+    let parsed = journal.unwrap_or_default();
+    let mut image = parsed.image;
+    // What the next open does; a live queue never saves a position past the
+    // log, so there a position past the survey's end is a commit since.
+    let clamped = !s.locked && image.clamp_to(next);
+    let consumers = image
+        .consumers
+        .iter()
+        .map(|(name, &position)| SavedConsumer {
+            name: name.clone(),
+            position,
+            lag: next.saturating_sub(position),
+        })
+        .collect();
+    let mut groups = Vec::with_capacity(image.groups.len());
+    for (name, g) in &image.groups {
+        let done_above_floor = g.done.range(g.floor..next.max(g.floor)).count() as u64;
+        let dl_dir = s.dir.join(DEAD_LETTERS_DIR).join(name);
+        let dead_letters = if dl_dir.is_dir() {
+            let dl = survey(&dl_dir)?;
+            Some(dl.next_offset() - dl.first_offset())
+        } else {
+            None
+        };
+        groups.push(SavedGroup {
+            name: name.clone(),
+            ack_floor: g.floor,
+            delivered_to: g.next,
+            pending: g.counts.len() as u64,
+            done_above_floor,
+            unacked: next.saturating_sub(g.floor).saturating_sub(done_above_floor),
+            dead_letters,
+        });
+    }
+    Ok(ConsumerState {
+        journal: s.dir.join(crate::journal::JOURNAL_FILE),
+        journal_exists,
+        entries: parsed.entries,
+        damage: parsed.damage.map(|(position, reason)| JournalDamage { position, reason }),
+        next_offset: next,
+        clamped,
+        consumers,
+        groups,
     })
 }
 
@@ -1453,14 +1709,24 @@ impl RepairPlan {
     }
 }
 
-/// Every file of the directory, for tests: name → bytes.
+/// Every file of the directory and its subdirectories (dead-letter
+/// queues), for tests: relative path → bytes.
 #[cfg(test)]
 fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry"))
-        .map(|e| (e.file_name().into_string().expect("utf-8"), std::fs::read(e.path()).expect("read")))
-        .collect()
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).expect("list").map(|e| e.expect("entry")) {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let name = path.strip_prefix(root).expect("inside").to_string_lossy().into_owned();
+                out.insert(name, std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -1654,6 +1920,102 @@ mod tests {
         assert_eq!(seek.next()?.map(|r| r.offset()), Some(150));
         drop(queue);
         assert!(!is_locked(dir.path())?);
+        Ok(())
+    }
+
+    /// A closed queue of 10 records with consumer "c" at 4 (then 7, the
+    /// journal's last entry) and group "g": offsets 0, 1, 3 acknowledged, 4
+    /// dead-lettered, 2 and 5 delivered and not done.
+    fn consumers_dir() -> std::result::Result<tempfile::TempDir, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let queue = Queue::open(dir.path())?;
+        for i in 0..10u64 {
+            queue.append(format!("record {i}").as_bytes())?;
+        }
+        let group = queue.group("g").ack_durability(crate::Durability::Sync).open()?;
+        let mut worker = group.worker();
+        let got = worker.fetch(6, std::time::Duration::ZERO)?;
+        assert_eq!(got.iter().map(|d| d.offset()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
+        for i in [0, 1, 3] {
+            worker.ack(got[i].id())?;
+        }
+        worker.term(got[4].id())?;
+        drop((worker, group));
+        let mut c = queue.consumer("c")?;
+        c.commit(4)?;
+        c.commit(7)?;
+        drop(c);
+        queue.close()?;
+        Ok(dir)
+    }
+
+    #[test]
+    fn consumers_and_groups_are_read_from_the_journal_without_changing_anything() -> TestResult {
+        let dir = consumers_dir()?;
+        let before = snapshot(dir.path());
+        let state = consumers(dir.path())?;
+        assert_eq!(before, snapshot(dir.path()), "reading the journal changed the directory");
+        assert!(state.journal_exists && state.damage.is_none() && !state.clamped);
+        assert_eq!(state.next_offset, 10);
+        assert_eq!(state.consumers, vec![SavedConsumer { name: "c".into(), position: 7, lag: 3 }]);
+        let g = SavedGroup {
+            name: "g".into(),
+            ack_floor: 2,
+            delivered_to: 6,
+            pending: 2,
+            done_above_floor: 2,
+            unacked: 6,
+            dead_letters: Some(1),
+        };
+        assert_eq!(state.groups, vec![g]);
+        // The library agrees on what the two views share.
+        let queue = Queue::open(dir.path())?;
+        let info = &queue.groups()[0];
+        assert_eq!((info.ack_floor, info.waiting_redelivery, info.unacked), (2, 2, 6));
+        assert_eq!(queue.consumers()[0].position, 7);
+        // A survey taken while the queue is open gives the same state.
+        assert_eq!(survey(dir.path())?.consumers()?, state);
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_journal_falls_back_to_its_last_valid_entry_as_the_queue_does() -> TestResult {
+        let dir = consumers_dir()?;
+        let path = dir.path().join(crate::journal::JOURNAL_FILE);
+        let bytes = std::fs::read(&path)?;
+        // The last non-zero byte is in the last entry: the commit of 7.
+        let last = bytes.iter().rposition(|&b| b != 0).expect("entries") as u64;
+        flip(&path, last);
+        let before = snapshot(dir.path());
+        let state = consumers(dir.path())?;
+        assert_eq!(before, snapshot(dir.path()));
+        let damage = state.damage.clone().expect("damage reported");
+        assert!(damage.position < last && last - damage.position < 64, "{damage:?} vs byte {last}");
+        assert_eq!(state.consumer("c").map(|c| (c.position, c.lag)), Some((4, 6)));
+        assert_eq!(state.group("g").map(|g| g.ack_floor), Some(2), "earlier entries still count");
+        // The queue falls back to the same entry.
+        let queue = Queue::open(dir.path())?;
+        assert_eq!(queue.consumers()[0].position, 4);
+
+        // A journal that is all garbage: damage at byte 0, no consumers.
+        drop(queue);
+        std::fs::write(&path, b"not a journal at all")?;
+        let state = consumers(dir.path())?;
+        assert_eq!(state.damage.map(|d| d.position), Some(0));
+        assert!(state.consumers.is_empty() && state.groups.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn no_journal_is_no_consumers_and_a_missing_directory_is_not_found() -> TestResult {
+        let dir = queue_dir(5)?;
+        let state = consumers(dir.path())?;
+        assert!(!state.journal_exists && state.consumers.is_empty() && state.groups.is_empty());
+        assert_eq!((state.next_offset, state.entries), (5, 0));
+        assert!(!dir.path().join(crate::journal::JOURNAL_FILE).exists(), "created the journal");
+        let gone = dir.path().join("nope");
+        assert!(matches!(consumers(&gone), Err(Error::NotFound { .. })));
+        assert!(!gone.exists());
         Ok(())
     }
 
