@@ -1,9 +1,12 @@
 //! `walq`: the command-line tool of the walq queue. `bench` shows what walq
 //! does on this disk; `inspect`, `verify`, `dump` and `tail` read a queue
 //! directory without modifying it (even while a live queue writes it);
-//! `produce` appends records; `repair` cuts a damaged log after asking.
+//! `produce` appends records; `repair` cuts a damaged log after asking;
+//! `consumer` and `group` list (read-only), reset and delete named consumers
+//! and consumer groups.
 
 mod bench;
+mod consumers;
 mod output;
 mod read;
 mod write;
@@ -21,9 +24,9 @@ mod exit {
     pub const PROBLEMS: u8 = 1;
     /// Bad arguments or options (clap uses 2 too), a record over the limit.
     pub const USAGE: u8 = 2;
-    /// The queue directory does not exist.
+    /// The queue directory, consumer or group does not exist.
     pub const NOT_FOUND: u8 = 3;
-    /// A live queue holds the directory lock.
+    /// A live queue holds the directory lock (or the consumer is open).
     pub const LOCKED: u8 = 4;
     /// Damaged data stopped the command.
     pub const CORRUPT: u8 = 5;
@@ -33,19 +36,27 @@ mod exit {
     pub const UNSUPPORTED: u8 = 7;
 }
 
+const CONSUMER_EXIT_CODES_HELP: &str = "\
+Exit codes: 0 success; 2 usage (a bad name, an offset outside the log);
+3 not found (the queue directory, the consumer or the group); 4 locked (a live
+queue holds the directory: reset and delete need its lock, list does not);
+6 I/O error; 7 a consumers.journal written by a newer walq. See walq --help.";
+
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
   1  verify found problems; repair found damage and cut nothing (declined, --dry-run)
   2  usage: bad arguments or options, a record over the size limit
-  3  not found: the queue directory does not exist
-  4  locked: a live queue holds the directory (produce, repair)
+  3  not found: the queue directory, consumer or group does not exist
+  4  locked: a live queue holds the directory (produce, repair, consumer
+     reset/delete, group delete), or the consumer is in use
   5  corrupt: damaged data stopped the command (see verify and repair)
   6  I/O error, a full disk included
   7  unsupported format: written by a newer walq
 
-Read commands (inspect, verify, dump, tail) never modify the directory, take
-no lock and run no recovery: they work while another process writes the queue.";
+Read commands (inspect, verify, dump, tail, consumer list, group list) never
+modify the directory, take no lock and run no recovery: they work while another
+process writes the queue.";
 
 /// The walq command-line tool: measure, inspect, verify, read, write and repair
 /// walq queue directories.
@@ -86,6 +97,9 @@ enum Command {
         /// The first offset to print (default: the first one held).
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Start at this named consumer's committed position (read from consumers.journal).
+        #[arg(long, value_name = "NAME", conflicts_with = "from")]
+        consumer: Option<String>,
         /// Stop before this offset (default: the end of the log).
         #[arg(long)]
         to: Option<u64>,
@@ -120,6 +134,18 @@ enum Command {
     Produce(write::ProduceArgs),
     /// Cut the log at its first damage, after showing what is dropped and asking.
     Repair(write::RepairArgs),
+    /// Named consumers: list (read-only), reset a position, delete.
+    #[command(after_help = CONSUMER_EXIT_CODES_HELP)]
+    Consumer {
+        #[command(subcommand)]
+        command: consumers::ConsumerCommand,
+    },
+    /// Consumer groups: list (read-only), delete.
+    #[command(after_help = CONSUMER_EXIT_CODES_HELP)]
+    Group {
+        #[command(subcommand)]
+        command: consumers::GroupCommand,
+    },
 }
 
 /// How `dump` and `tail` print records.
@@ -162,8 +188,8 @@ impl From<std::io::Error> for Failure {
 
 fn walq_exit_code(e: &walq::Error) -> u8 {
     match e {
-        walq::Error::NotFound { .. } => exit::NOT_FOUND,
-        walq::Error::Locked { .. } => exit::LOCKED,
+        walq::Error::NotFound { .. } | walq::Error::UnknownConsumer { .. } => exit::NOT_FOUND,
+        walq::Error::Locked { .. } | walq::Error::InUse { .. } => exit::LOCKED,
         walq::Error::Corrupt { .. } => exit::CORRUPT,
         walq::Error::UnsupportedFormat { .. } => exit::UNSUPPORTED,
         walq::Error::InvalidOption { .. }
@@ -182,14 +208,16 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Inspect { dir, json } => read::inspect(&dir, json),
         Command::Verify { dir, json } => read::verify(&dir, json),
-        Command::Dump { dir, from, to, format, json } => {
-            read::dump(&dir, from, to, if json { Format::Json } else { format })
+        Command::Dump { dir, from, consumer, to, format, json } => {
+            read::dump(&dir, from, consumer.as_deref(), to, if json { Format::Json } else { format })
         }
         Command::Tail { dir, lines, follow, interval_ms, format, json } => {
             read::tail(&dir, lines, follow, interval_ms, if json { Format::Json } else { format })
         }
         Command::Produce(args) => write::produce(&args),
         Command::Repair(args) => write::repair(&args),
+        Command::Consumer { command } => consumers::consumer(&command),
+        Command::Group { command } => consumers::group(&command),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -200,6 +228,10 @@ fn main() -> ExitCode {
         }
         Err(Failure::Walq(walq::Error::NotFound { dir })) => {
             eprintln!("walq: queue directory {} does not exist", dir.display());
+            ExitCode::from(exit::NOT_FOUND)
+        }
+        Err(Failure::Walq(walq::Error::UnknownConsumer { kind, name })) => {
+            eprintln!("walq: no {kind} named {name:?} exists; list them with walq {kind} list DIR");
             ExitCode::from(exit::NOT_FOUND)
         }
         Err(Failure::Walq(e)) => {

@@ -33,6 +33,71 @@ pub fn time(ms: u64) -> String {
     )
 }
 
+/// Milliseconds since the Unix epoch from either Unix milliseconds
+/// (`1700000000123`) or an RFC 3339 time (`2023-11-14T22:13:20.123Z`,
+/// `2023-11-14T23:13:20+01:00`; fractions past milliseconds are dropped).
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| format!("{s:?} is too large for Unix milliseconds"));
+    }
+    let bad =
+        || format!("{s:?} is neither Unix milliseconds nor an RFC 3339 time such as 2024-05-01T12:00:00Z");
+    let b = s.as_bytes();
+    let digits = |from: usize, n: usize| -> Option<i64> {
+        let part = b.get(from..from + n)?;
+        part.iter().all(u8::is_ascii_digit).then(|| part.iter().fold(0, |a, &d| a * 10 + i64::from(d - b'0')))
+    };
+    let at = |i: usize, allowed: &[u8]| b.get(i).is_some_and(|c| allowed.contains(c));
+    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
+        return Err(bad());
+    }
+    let field = |from, n| digits(from, n).ok_or_else(bad);
+    let (year, month, day) = (field(0, 4)?, field(5, 2)?, field(8, 2)?);
+    let (hour, minute, second) = (field(11, 2)?, field(14, 2)?, field(17, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month)
+        || !(1..=month_days[month as usize - 1]).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return Err(bad());
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if at(i, b".") {
+        let n = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return Err(bad());
+        }
+        millis = b[i + 1..i + 1 + n.min(3)].iter().fold(0, |a, &d| a * 10 + i64::from(d - b'0'))
+            * 10i64.pow(3 - n.min(3) as u32);
+        i += 1 + n;
+    }
+    let zone_secs = if at(i, b"Zz") && b.len() == i + 1 {
+        0
+    } else if at(i, b"+-") && at(i + 3, b":") && b.len() == i + 6 {
+        let (h, m) = (field(i + 1, 2)?, field(i + 4, 2)?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        let secs = h * 3600 + m * 60;
+        if b[i] == b'-' { -secs } else { secs }
+    } else {
+        return Err(bad());
+    };
+    // Howard Hinnant's days_from_civil (the inverse of `time`'s).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - zone_secs;
+    u64::try_from(secs * 1000 + millis).map_err(|_| format!("{s:?} is before 1970"))
+}
+
 /// Bytes for a terminal: UTF-8 text as it is, anything else (and control
 /// characters) escaped, so one record stays on one line.
 pub fn text(bytes: &[u8]) -> String {
@@ -174,6 +239,31 @@ mod tests {
         assert_eq!(time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn times_parse_back() {
+        for ms in [0, 1_700_000_000_123, 951_782_400_000, 4_102_444_799_999] {
+            assert_eq!(parse_time(&time(ms)), Ok(ms), "{}", time(ms));
+        }
+        assert_eq!(parse_time("1700000000123"), Ok(1_700_000_000_123));
+        assert_eq!(parse_time("2023-11-14T23:13:20+01:00"), Ok(1_700_000_000_000));
+        assert_eq!(parse_time("2023-11-14t22:13:20.1234567z"), Ok(1_700_000_000_123));
+        assert_eq!(parse_time("2023-11-14 22:13:20.5Z"), Ok(1_700_000_000_500));
+        for bad in [
+            "",
+            "yesterday",
+            "2023-11-14",
+            "2023-11-14T22:13:20",
+            "2023-02-29T00:00:00Z",
+            "2023-11-14T24:00:00Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14T22:13:20+0100",
+            "1969-12-31T23:59:59Z",
+            "-5",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

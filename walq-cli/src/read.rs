@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use walq::inspect::{self, IndexStatus, LogReader, SegmentEnd, Survey};
+use walq::inspect::{self, ConsumerState, IndexStatus, LogReader, SegmentEnd, Survey};
 
-use crate::{CmdResult, Failure, Format, output};
+use crate::{CmdResult, Failure, Format, consumers, output};
 
 fn stdout() -> BufWriter<io::StdoutLock<'static>> {
     BufWriter::new(io::stdout().lock())
@@ -41,8 +41,8 @@ fn end_json(end: &SegmentEnd) -> Value {
 }
 
 /// The survey as one JSON object; each section is a key, so that sections
-/// (consumers, groups) can be added without breaking readers.
-fn survey_json(s: &Survey) -> Value {
+/// can be added without breaking readers.
+fn survey_json(s: &Survey, c: &ConsumerState) -> Value {
     let segments: Vec<Value> = s
         .segments
         .iter()
@@ -95,14 +95,18 @@ fn survey_json(s: &Survey) -> Value {
             "bytes": d.garbage_end - d.position,
         })),
         "other_files": s.other_files.iter().map(|f| json!({ "name": f.name, "kind": f.kind.as_str() })).collect::<Vec<_>>(),
+        "consumers": consumers::consumers_json(c),
+        "groups": consumers::groups_json(c),
+        "consumer_journal": consumers::journal_json(c),
     })
 }
 
 pub fn inspect(dir: &Path, as_json: bool) -> CmdResult {
     let s = inspect::survey(dir)?;
+    let c = s.consumers()?;
     let mut out = stdout();
     if as_json {
-        serde_json::to_writer_pretty(&mut out, &survey_json(&s)).map_err(io::Error::from)?;
+        serde_json::to_writer_pretty(&mut out, &survey_json(&s, &c)).map_err(io::Error::from)?;
         writeln!(out)?;
         return Ok(out.flush()?);
     }
@@ -208,6 +212,20 @@ pub fn inspect(dir: &Path, as_json: bool) -> CmdResult {
         writeln!(out, "  nothing to cut (as far as this quick look reads; walq verify reads everything)")?;
     }
 
+    writeln!(out, "\nconsumers")?;
+    consumers::write_consumers(&mut out, &c)?;
+    writeln!(out, "\ngroups")?;
+    consumers::write_groups(&mut out, &c)?;
+    if let Some(d) = &c.damage {
+        writeln!(
+            out,
+            "  {} is DAMAGED at byte {}: {} (shown as of the last valid entry, which the next open uses)",
+            c.journal.display(),
+            d.position,
+            d.reason
+        )?;
+    }
+
     if !s.other_files.is_empty() {
         writeln!(out, "\nother files")?;
         let rows: Vec<Vec<String>> =
@@ -307,7 +325,14 @@ fn print_records(
     Ok(n)
 }
 
-pub fn dump(dir: &Path, from: u64, to: Option<u64>, format: Format) -> CmdResult {
+pub fn dump(dir: &Path, from: u64, consumer: Option<&str>, to: Option<u64>, format: Format) -> CmdResult {
+    let from = match consumer {
+        None => from,
+        Some(name) => inspect::consumers(dir)?
+            .consumer(name)
+            .map(|c| c.position)
+            .ok_or_else(|| walq::Error::UnknownConsumer { kind: "consumer", name: name.to_string() })?,
+    };
     let mut reader = LogReader::open(dir, from)?;
     let mut out = stdout();
     let result = print_records(&mut out, &mut reader, to, format);

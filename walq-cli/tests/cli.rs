@@ -1,7 +1,8 @@
 //! The `walq` binary, end to end: every subcommand on real directories,
 //! `verify` and `repair` on deliberately damaged ones (a flipped bit in a
 //! middle batch, a truncated segment, a garbage tail), a locked directory, a
-//! missing one, a closed pipe, and JSON output parsed back.
+//! missing one, a closed pipe, JSON output parsed back, and named consumers
+//! and groups made with the library, then listed, reset and deleted.
 //!
 //! Method: directories are written with the walq library (small segments, so
 //! there are several), damaged by hand, then the built binary runs on them
@@ -53,13 +54,23 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Every file of a directory: name → bytes.
+/// Every file of a directory and its subdirectories (dead-letter queues):
+/// relative path → bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry"))
-        .map(|e| (e.file_name().into_string().expect("utf-8"), std::fs::read(e.path()).expect("read")))
-        .collect()
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).expect("list").map(|e| e.expect("entry")) {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let name = path.strip_prefix(root).expect("inside").to_string_lossy().into_owned();
+                out.insert(name, std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
 /// A closed queue of `n` records of ~100 bytes in 4 KiB segments.
@@ -321,6 +332,12 @@ fn a_missing_directory_is_exit_code_3_and_is_not_created() {
         vec!["dump", s(&gone)],
         vec!["tail", s(&gone)],
         vec!["repair", s(&gone), "--yes"],
+        vec!["consumer", "list", s(&gone)],
+        vec!["consumer", "reset", s(&gone), "c", "--to", "earliest"],
+        vec!["consumer", "delete", s(&gone), "c"],
+        vec!["group", "list", s(&gone)],
+        vec!["group", "delete", s(&gone), "g"],
+        vec!["dump", s(&gone), "--consumer", "c"],
     ] {
         let out = walq(&args);
         assert_eq!(code(&out), 3, "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -334,9 +351,15 @@ fn usage_errors_are_exit_code_2() {
     assert_eq!(code(&walq(&["dump"])), 2);
     assert_eq!(code(&walq(&["nonsense"])), 2);
     assert_eq!(code(&walq(&["produce", "/tmp/x", "--header", "no-equals"])), 2);
+    assert_eq!(code(&walq(&["consumer", "reset", "/tmp/x", "c"])), 2, "--to or --time is required");
+    assert_eq!(code(&walq(&["consumer", "reset", "/tmp/x", "c", "--to", "1", "--time", "5"])), 2);
+    assert_eq!(code(&walq(&["consumer", "reset", "/tmp/x", "c", "--to", "soon"])), 2);
+    assert_eq!(code(&walq(&["consumer", "reset", "/tmp/x", "c", "--time", "2024-13-01T00:00:00Z"])), 2);
+    assert_eq!(code(&walq(&["dump", "/tmp/x", "--consumer", "c", "--from", "3"])), 2);
     let help = walq(&["--help"]);
     assert_eq!(code(&help), 0);
     assert!(String::from_utf8_lossy(&help.stdout).contains("4  locked"));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("consumer or group does not exist"));
 }
 
 #[test]
@@ -420,4 +443,195 @@ fn bench_runs_briefly_and_reports_json() {
     assert!(v["disk"]["fdatasync_4k_p50_us"].as_f64().is_some_and(|x| x > 0.0));
     assert!(v["workloads"][0]["appends_per_sec"].as_f64().is_some_and(|x| x > 0.0));
     assert_eq!(std::fs::read_dir(tmp.path()).expect("list").count(), 0, "the scratch directory is removed");
+}
+
+/// `queue_dir(50)` (timestamps 1000 + offset) plus, made with the library:
+/// consumer "billing" committed at 20, "audit" started at the end (50), and
+/// group "workers" that delivered 0..5, acknowledged 0 and 1, dead-lettered 2
+/// (terminated) and left 3 and 4 delivered, not done.
+fn consumers_dir() -> Result<tempfile::TempDir, Box<dyn std::error::Error>> {
+    let dir = queue_dir(50)?;
+    let queue = Queue::open(dir.path())?;
+    queue.consumer("billing")?.commit(20)?;
+    drop(queue.consumer_from("audit", walq::StartAt::Latest)?);
+    let group = queue.group("workers").ack_durability(walq::Durability::Sync).open()?;
+    let mut worker = group.worker();
+    let got = worker.fetch(5, Duration::ZERO)?;
+    assert_eq!(got.len(), 5);
+    worker.ack(got[0].id())?;
+    worker.ack(got[1].id())?;
+    worker.term(got[2].id())?;
+    drop((worker, group));
+    queue.close()?;
+    Ok(dir)
+}
+
+fn positions(dir: &Path) -> BTreeMap<String, u64> {
+    let out = walq(&["consumer", "list", s(dir), "--json"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    v["consumers"]
+        .as_array()
+        .expect("a consumers array")
+        .iter()
+        .map(|c| (c["name"].as_str().expect("name").to_string(), c["position"].as_u64().expect("position")))
+        .collect()
+}
+
+#[test]
+fn consumer_and_group_lists_read_the_journal_without_changing_anything() -> TestResult {
+    let dir = consumers_dir()?;
+    let before = snapshot(dir.path());
+
+    let out = walq(&["consumer", "list", s(dir.path()), "--json"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["next_offset"], 50);
+    assert_eq!(
+        v["consumers"],
+        serde_json::json!([
+            { "name": "audit", "position": 50, "lag": 0 },
+            { "name": "billing", "position": 20, "lag": 30 },
+        ])
+    );
+    assert_eq!((v["journal"]["exists"].as_bool(), v["journal"]["damage"].is_null()), (Some(true), true));
+    let text = String::from_utf8(walq(&["consumer", "list", s(dir.path())]).stdout)?;
+    assert!(text.contains("billing") && text.contains("30"), "{text}");
+
+    let v = json(&walq(&["group", "list", s(dir.path()), "--json"]));
+    assert_eq!(
+        v["groups"],
+        serde_json::json!([{
+            "name": "workers", "ack_floor": 3, "delivered_to": 5, "pending": 2,
+            "done_above_floor": 0, "unacked": 47, "dead_letters": 1,
+        }])
+    );
+    let text = String::from_utf8(walq(&["group", "list", s(dir.path())]).stdout)?;
+    assert!(text.contains("workers") && text.contains("47"), "{text}");
+
+    // inspect: the same two sections.
+    let v = json(&walq(&["inspect", s(dir.path()), "--json"]));
+    assert_eq!(v["consumers"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["groups"][0]["dead_letters"], 1);
+    assert_eq!(v["consumer_journal"]["exists"], true);
+    assert!(
+        v["other_files"].as_array().expect("other files").iter().all(|f| f["kind"] != "foreign"),
+        "{}",
+        v["other_files"]
+    );
+    let text = String::from_utf8(walq(&["inspect", s(dir.path())]).stdout)?;
+    assert!(text.contains("\nconsumers\n") && text.contains("\ngroups\n"), "{text}");
+    assert!(text.contains("billing") && text.contains("workers"), "{text}");
+
+    // dump --consumer starts at the committed position.
+    let dump = walq(&["dump", s(dir.path()), "--consumer", "billing", "--json"]);
+    assert_eq!(code(&dump), 0, "{}", String::from_utf8_lossy(&dump.stderr));
+    let records = json_lines(&dump);
+    assert_eq!((records.len(), records[0]["offset"].as_u64()), (30, Some(20)));
+    assert_eq!(json_lines(&walq(&["dump", s(dir.path()), "--consumer", "audit", "--json"])).len(), 0);
+    let out = walq(&["dump", s(dir.path()), "--consumer", "nobody"]);
+    assert_eq!(code(&out), 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no consumer named \"nobody\""));
+
+    assert_eq!(before, snapshot(dir.path()), "a read command changed the directory");
+    Ok(())
+}
+
+#[test]
+fn consumer_reset_and_delete_and_group_delete_change_the_saved_state() -> TestResult {
+    let dir = consumers_dir()?;
+    let d = s(dir.path());
+    let reset = |to: &[&str]| {
+        let mut args = vec!["consumer", "reset", d, "billing"];
+        args.extend_from_slice(to);
+        let out = walq(&args);
+        (code(&out), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (to, expect) in [
+        (vec!["--to", "earliest"], 0),
+        (vec!["--to", "42"], 42),
+        (vec!["--to", "latest"], 50),
+        (vec!["--time", "1010"], 10),
+        (vec!["--time", "1970-01-01T00:00:01.025Z"], 25),
+        (vec!["--time", "1970-01-01T01:00:01.030+01:00"], 30),
+    ] {
+        let (c, err) = reset(&to);
+        assert_eq!(c, 0, "{to:?}: {err}");
+        assert_eq!(positions(dir.path())["billing"], expect, "{to:?}");
+    }
+    let out = walq(&["consumer", "reset", d, "billing", "--to", "7", "--json"]);
+    let v = json(&out);
+    assert_eq!((v["previous"].as_u64(), v["position"].as_u64()), (Some(30), Some(7)));
+    assert_eq!(reset(&["--to", "99"]).0, 2, "an offset past the end is a usage error");
+
+    // Unknown names: exit 3, and nothing is created without --create.
+    let out = walq(&["consumer", "reset", d, "nobody", "--to", "earliest"]);
+    assert_eq!(code(&out), 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("walq consumer list"));
+    assert!(!positions(dir.path()).contains_key("nobody"));
+    assert_eq!(code(&walq(&["consumer", "reset", d, "nobody", "--to", "5", "--create"])), 0);
+    assert_eq!(positions(dir.path())["nobody"], 5);
+
+    assert_eq!(code(&walq(&["consumer", "delete", d, "billing"])), 0);
+    assert!(!positions(dir.path()).contains_key("billing"));
+    assert_eq!(code(&walq(&["consumer", "delete", d, "billing"])), 3);
+    assert_eq!(code(&walq(&["group", "delete", d, "workers"])), 0);
+    assert_eq!(json(&walq(&["group", "list", d, "--json"]))["groups"], serde_json::json!([]));
+    assert_eq!(code(&walq(&["group", "delete", d, "workers"])), 3);
+    assert!(dir.path().join("dead-letters").join("workers").is_dir(), "the dead-letter queue stays");
+
+    // The library sees what the commands did.
+    let queue = Queue::open(dir.path())?;
+    let names: Vec<String> = queue.consumers().into_iter().map(|c| c.name).collect();
+    assert_eq!(names, vec!["audit", "nobody"]);
+    assert!(queue.groups().is_empty());
+    Ok(())
+}
+
+#[test]
+fn consumer_writes_on_a_locked_directory_are_exit_code_4_and_lists_still_work() -> TestResult {
+    let dir = consumers_dir()?;
+    let d = s(dir.path());
+    let queue = Queue::open(dir.path())?;
+    let before = snapshot(dir.path());
+    for args in [
+        vec!["consumer", "reset", d, "billing", "--to", "earliest"],
+        vec!["consumer", "delete", d, "billing"],
+        vec!["group", "delete", d, "workers"],
+    ] {
+        let out = walq(&args);
+        assert_eq!(code(&out), 4, "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("locked"));
+    }
+    assert_eq!(positions(dir.path())["billing"], 20);
+    assert_eq!(json(&walq(&["group", "list", d, "--json"]))["groups"][0]["ack_floor"], 3);
+    assert_eq!(before, snapshot(dir.path()), "a command changed a locked directory");
+    // A live commit shows up in the next list.
+    queue.consumer("billing")?.commit(33)?;
+    assert_eq!(positions(dir.path())["billing"], 33);
+    drop(queue);
+    Ok(())
+}
+
+#[test]
+fn a_damaged_journal_is_listed_as_of_its_last_valid_entry_with_a_warning() -> TestResult {
+    let dir = consumers_dir()?;
+    let queue = Queue::open(dir.path())?;
+    queue.consumer("billing")?.commit(44)?; // the journal's last entry
+    queue.close()?;
+    let path = dir.path().join("consumers.journal");
+    let mut bytes = std::fs::read(&path)?;
+    let last = bytes.iter().rposition(|&b| b != 0).expect("entries");
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, &bytes)?;
+
+    let out = walq(&["consumer", "list", s(dir.path()), "--json"]);
+    assert_eq!(code(&out), 0);
+    let v = json(&out);
+    assert_eq!(v["consumers"][1], serde_json::json!({ "name": "billing", "position": 20, "lag": 30 }));
+    assert!(v["journal"]["damage"]["position"].as_u64().is_some(), "{}", v["journal"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    let text = String::from_utf8(walq(&["inspect", s(dir.path())]).stdout)?;
+    assert!(text.contains("DAMAGED"), "{text}");
+    Ok(())
 }
