@@ -557,6 +557,8 @@ pub(crate) struct BatchBuilder {
     buf: Vec<u8>,
     base_offset: u64,
     base_timestamp: u64,
+    /// The newest record timestamp pushed (for the time index).
+    max_timestamp: u64,
     record_count: u32,
     records_len: usize,
     sealed: bool,
@@ -575,6 +577,7 @@ impl BatchBuilder {
         self.buf.resize(BATCH_HEADER_LEN, 0);
         self.base_offset = base_offset;
         self.base_timestamp = 0;
+        self.max_timestamp = 0;
         self.record_count = 0;
         self.records_len = 0;
         self.sealed = false;
@@ -589,6 +592,11 @@ impl BatchBuilder {
     #[cfg(test)]
     pub fn record_count(&self) -> u32 {
         self.record_count
+    }
+
+    /// The newest timestamp among the records pushed.
+    pub fn max_timestamp(&self) -> u64 {
+        self.max_timestamp
     }
 
     /// Offset of the first record.
@@ -642,6 +650,7 @@ impl BatchBuilder {
         if self.record_count == 0 {
             self.base_timestamp = timestamp_ms;
         }
+        self.max_timestamp = self.max_timestamp.max(timestamp_ms);
         let offset_delta = u64::from(self.record_count);
         // Wrapping both ways makes every pair of u64 timestamps representable.
         let ts = zigzag_encode(timestamp_ms.wrapping_sub(self.base_timestamp) as i64);

@@ -56,6 +56,9 @@ pub enum OtherKind {
     /// `consumers.journal` (named consumers' positions) or `dead-letters/`
     /// (consumer groups' dead-letter queues).
     Consumers,
+    /// `{base}.tix`: a sealed segment's time index (a cache, rebuilt from
+    /// the segment when missing or damaged).
+    TimeIndex,
     /// A temporary file of an interrupted atomic write, or an index whose
     /// segment retention already removed: the next open removes it.
     Leftover,
@@ -66,12 +69,14 @@ pub enum OtherKind {
 }
 
 impl OtherKind {
-    /// A short lowercase name: `lock`, `last-recovery`, `consumers`, `leftover`, `orphan index`, `foreign`.
+    /// A short lowercase name: `lock`, `last-recovery`, `consumers`, `time index`, `leftover`,
+    /// `orphan index`, `foreign`.
     pub fn as_str(self) -> &'static str {
         match self {
             OtherKind::Lock => "lock",
             OtherKind::LastRecovery => "last-recovery",
             OtherKind::Consumers => "consumers",
+            OtherKind::TimeIndex => "time index",
             OtherKind::Leftover => "leftover",
             OtherKind::OrphanIndex => "orphan index",
             OtherKind::Foreign => "foreign",
@@ -118,10 +123,14 @@ fn list(storage: &dyn Storage, dir: &Path) -> Result<Listing> {
                 OtherKind::LastRecovery
             } else if name == crate::journal::JOURNAL_FILE || name == DEAD_LETTERS_DIR {
                 OtherKind::Consumers
-            } else if name
-                .strip_suffix(TEMP_SUFFIX)
-                .is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some() || n == LAST_RECOVERY_FILE)
-            {
+            } else if let Some(b) = segment::parse_name(&name, crate::timeindex::TIME_INDEX_EXT) {
+                if b < first { OtherKind::Leftover } else { OtherKind::TimeIndex }
+            } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| {
+                segment::parse_name(n, INDEX_EXT).is_some()
+                    || segment::parse_name(n, crate::timeindex::TIME_INDEX_EXT).is_some()
+                    || n == LAST_RECOVERY_FILE
+                    || n == crate::journal::JOURNAL_FILE
+            }) {
                 OtherKind::Leftover
             } else {
                 OtherKind::Foreign
@@ -776,7 +785,7 @@ pub struct SavedGroup {
     /// not open redelivers all of them first), so this is not
     /// [`GroupInfo::pending`](crate::GroupInfo::pending), which counts only
     /// deliveries in flight.
-    pub pending: u64,
+    pub delivered_not_done: u64,
     /// Records at or above the ack floor that are done (acknowledged out of
     /// order, or dead-lettered), up to the log's end.
     pub done_above_floor: u64,
@@ -970,7 +979,7 @@ fn consumer_state(s: &Survey, journal: Option<crate::journal::Parsed>) -> Result
             name: name.clone(),
             ack_floor: g.floor,
             delivered_to: g.next,
-            pending: g.counts.len() as u64,
+            delivered_not_done: g.counts.len() as u64,
             done_above_floor,
             unacked: next.saturating_sub(g.floor).saturating_sub(done_above_floor),
             dead_letters,
@@ -1962,7 +1971,7 @@ mod tests {
             name: "g".into(),
             ack_floor: 2,
             delivered_to: 6,
-            pending: 2,
+            delivered_not_done: 2,
             done_above_floor: 2,
             unacked: 6,
             dead_letters: Some(1),

@@ -12,6 +12,7 @@ use crate::fs::{Storage, StorageFile, write_all_at};
 use crate::index::{self, INDEX_HEADER_LEN, IndexEntry};
 use crate::mmap::Map;
 use crate::segment::{self, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
+use crate::timeindex::{self, TimeIndex};
 
 /// `end` of a segment that is still being written.
 pub(crate) const OPEN_END: u64 = u64::MAX;
@@ -35,13 +36,26 @@ pub(crate) struct Segment {
     map: Mutex<Option<Arc<Map>>>,
     /// File length once sealed and counted in [`Log::total_bytes`] (0: not counted).
     size: AtomicU64,
-    /// Newest record timestamp once read (0: not read yet), for retention by age.
-    newest_ms: AtomicU64,
+    /// The time index: kept by the writer while active, loaded (or rebuilt)
+    /// on first use once sealed.
+    time: Mutex<TimeSlot>,
     /// Index entries of the active segment (readers seek with them).
     active_index: RwLock<Vec<IndexEntry>>,
     /// The index of a sealed segment, checked (and if need be rebuilt) on
     /// first use, not at open: opening costs nothing per sealed segment.
     sealed_index: Mutex<Option<Arc<SealedIndex>>>,
+}
+
+/// Where a segment's time index is.
+#[derive(Debug)]
+enum TimeSlot {
+    /// Not loaded (sealed), or not known (the segment was active at open).
+    Unknown,
+    /// Kept by the writer as batches are written.
+    Active(TimeIndex),
+    /// Sealed, and its newest timestamp read from the time index (the
+    /// entries are read from the file when a search needs them).
+    Sealed(u64),
 }
 
 #[derive(Debug)]
@@ -69,7 +83,7 @@ impl Segment {
             data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
             size: AtomicU64::new(0),
-            newest_ms: AtomicU64::new(0),
+            time: Mutex::new(TimeSlot::Unknown),
             active_index: RwLock::new(active_index),
             sealed_index: Mutex::new(None),
         }
@@ -96,6 +110,34 @@ impl Segment {
     /// The active segment's index entries (empty once sealed).
     pub(crate) fn active_entries(&self) -> Vec<IndexEntry> {
         self.active_index.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The writer starts keeping this (empty, new) segment's time index.
+    pub(crate) fn start_time_index(&self) {
+        *self.time.lock().unwrap_or_else(|e| e.into_inner()) = TimeSlot::Active(TimeIndex::default());
+    }
+
+    /// The writer notes a batch it wrote (see [`TimeIndex::note_batch`]).
+    pub(crate) fn note_batch_time(&self, relative: u32, position: u32, newest: u64, indexed: bool) {
+        if let TimeSlot::Active(ti) = &mut *self.time.lock().unwrap_or_else(|e| e.into_inner()) {
+            ti.note_batch(relative, position, newest, indexed);
+        }
+    }
+
+    /// On sealing: the time index the writer kept, if it kept one (its
+    /// newest timestamp stays known).
+    pub(crate) fn seal_time_index(&self) -> Option<TimeIndex> {
+        let mut slot = self.time.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::replace(&mut *slot, TimeSlot::Unknown) {
+            TimeSlot::Active(ti) => {
+                *slot = TimeSlot::Sealed(ti.newest);
+                Some(ti)
+            }
+            other => {
+                *slot = other;
+                None
+            }
+        }
     }
 
     pub(crate) fn push_index_entry(&self, entry: IndexEntry) {
@@ -334,50 +376,88 @@ impl Log {
         *self.roll_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(RollHook(hook));
     }
 
-    /// The newest timestamp of a sealed segment's records: its last record's
-    /// (timestamps set by the caller may go backwards; walq takes the last
-    /// record's as the segment's, as a log ordered by time has it).
-    pub(crate) fn newest_timestamp(self: &Arc<Self>, seg: &Arc<Segment>) -> Result<u64> {
-        let cached = seg.newest_ms.load(Ordering::Acquire);
-        if cached != 0 {
-            return Ok(cached);
+    /// The newest record timestamp of a segment (0 when it has none), from
+    /// its time index (kept in memory once read: 8 bytes per segment).
+    pub(crate) fn newest_timestamp(&self, seg: &Arc<Segment>) -> Result<u64> {
+        {
+            let slot = seg.time.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                TimeSlot::Active(ti) => return Ok(ti.newest),
+                TimeSlot::Sealed(newest) => return Ok(*newest),
+                TimeSlot::Unknown => {}
+            }
         }
-        let end = seg.end();
-        if end == OPEN_END || end == seg.base {
-            return Ok(u64::MAX);
-        }
-        let mut r = crate::reader::Reader::new(Arc::clone(self), end - 1);
-        let ts = match r.next()? {
-            Some(rec) => rec.timestamp_ms().max(1),
-            None => return Ok(u64::MAX),
-        };
-        seg.newest_ms.store(ts, Ordering::Release);
-        Ok(ts)
+        Ok(self.load_time_index(seg)?.newest)
     }
 
-    /// Where to start scanning for the first record at or after `ms`: the
-    /// base of the last segment whose first record is older than `ms`
-    /// (binary search over the segments' first records).
-    pub(crate) fn time_search_start(self: &Arc<Self>, ms: u64) -> Result<u64> {
-        let segs: Vec<Arc<Segment>> = self.read_segments().clone();
-        let visible = self.visible();
-        let first_ts = |seg: &Arc<Segment>| -> Result<Option<u64>> {
-            if seg.base >= visible {
-                return Ok(None);
+    /// Where in `seg` to start scanning for the first record at or after
+    /// `ms`, as an offset.
+    fn time_start_in(&self, seg: &Arc<Segment>, ms: u64) -> Result<u64> {
+        let relative = {
+            let slot = seg.time.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                TimeSlot::Active(ti) => Some(ti.start_for(ms).0),
+                _ => None,
             }
-            let mut r = crate::reader::Reader::new(Arc::clone(self), seg.base);
-            Ok(r.next()?.map(|rec| rec.timestamp_ms()))
         };
-        let (mut lo, mut hi) = (0usize, segs.len());
-        // Invariant: segments before `lo` start before `ms`; from `hi` on, at or after.
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            match first_ts(&segs[mid])? {
-                Some(ts) if ts < ms => lo = mid + 1,
-                _ => hi = mid,
+        let relative = match relative {
+            Some(r) => r,
+            None => self.load_time_index(seg)?.start_for(ms).0,
+        };
+        Ok(seg.base + relative as u64)
+    }
+
+    /// Reads `seg`'s time index: its file, or, when that is missing or
+    /// unusable, one rebuilt from the segment (and rewritten). A segment that
+    /// was active at open has no file: it is built from the written data.
+    /// Remembers the newest timestamp of a sealed segment.
+    fn load_time_index(&self, seg: &Arc<Segment>) -> Result<TimeIndex> {
+        if seg.end() == OPEN_END {
+            let len = seg.data_len.load(Ordering::Acquire);
+            let map = self.map(seg, len, None)?;
+            return Ok(TimeIndex::build(
+                &map[..(len as usize).min(map.len())],
+                seg.base,
+                index::INDEX_INTERVAL_BYTES,
+            ));
+        }
+        let path = self.dir.join(timeindex::time_index_name(seg.base));
+        let from_file = self.storage.open_read(&path).ok().and_then(|file| {
+            let len = usize::try_from(file.len().ok()?).ok()?;
+            let mut bytes = vec![0u8; len];
+            crate::fs::read_exact_at(file.as_ref(), &mut bytes, 0).ok()?;
+            TimeIndex::decode(&bytes, seg.base)
+        });
+        let ti = match from_file {
+            Some(ti) => ti,
+            None => {
+                tracing::debug!(segment = %seg.path.display(), "time index missing or unusable, rebuilding it");
+                let map = self.map(seg, 0, None)?;
+                let ti = TimeIndex::build(&map, seg.base, index::INDEX_INTERVAL_BYTES);
+                if let Err(e) = timeindex::write(self.storage.as_ref(), &self.dir, seg.base, &ti) {
+                    tracing::warn!(segment = %seg.path.display(), error = %e, "could not write the rebuilt time index");
+                }
+                ti
+            }
+        };
+        *seg.time.lock().unwrap_or_else(|e| e.into_inner()) = TimeSlot::Sealed(ti.newest);
+        Ok(ti)
+    }
+
+    /// The offset to start scanning at for the first record whose timestamp
+    /// is at or after `ms`: in the first segment whose newest record is at
+    /// least `ms` (every record before it is older), the point its time index
+    /// gives. `None` if no record is that new. As Kafka does, the segments'
+    /// newest timestamps are compared in order (correct even when timestamps
+    /// go backwards); each is read once and then kept.
+    pub(crate) fn time_search_start(&self, ms: u64) -> Result<Option<u64>> {
+        let segs: Vec<Arc<Segment>> = self.read_segments().clone();
+        for seg in &segs {
+            if self.newest_timestamp(seg)? >= ms {
+                return self.time_start_in(seg, ms).map(Some);
             }
         }
-        Ok(if lo == 0 { segs.first().map_or(0, |s| s.base) } else { segs[lo - 1].base })
+        Ok(None)
     }
 
     /// A map of at least `min_len` bytes of `seg` (remapping an active
@@ -534,8 +614,14 @@ impl Log {
             victim.map.lock().unwrap_or_else(|e| e.into_inner()).take();
             victim.sealed_index.lock().unwrap_or_else(|e| e.into_inner()).take();
             let storage = self.storage.as_ref();
-            // The index first: a segment without an index is rebuilt, an index
-            // without a segment is just removed on the next open.
+            // The indexes first: a segment without them rebuilds them, an
+            // index without a segment is just removed on the next open.
+            let tix = self.dir.join(timeindex::time_index_name(victim.base));
+            if let Err(e) = storage.remove_file(&tix)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io("remove", &tix, e));
+            }
             if let Err(e) = storage.remove_file(&victim.index_path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {

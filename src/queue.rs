@@ -105,9 +105,9 @@ impl Core {
     /// log's end if none is).
     pub(crate) fn offset_for_timestamp(&self, ms: u64) -> Result<u64> {
         let next = self.log.visible();
-        let mut reader = crate::reader::Reader::new(Arc::clone(&self.log), self.log.first_offset());
-        let start = self.log.time_search_start(ms)?;
-        reader.seek(start);
+        let Some(start) = self.log.time_search_start(ms)? else { return Ok(next) };
+        let mut reader =
+            crate::reader::Reader::new(Arc::clone(&self.log), start.max(self.log.first_offset()));
         while let Some(r) = reader.next()? {
             if r.timestamp_ms() >= ms {
                 return Ok(r.offset());

@@ -13,6 +13,7 @@ use crate::fs::{DirLock, LOCK_FILE, Storage, StorageFile, read_exact_at};
 use crate::index::{self, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
 use crate::log::{self, Segment};
 use crate::segment::{self, HeaderCheck, INDEX_EXT, SEGMENT_EXT, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
+use crate::timeindex::{TIME_INDEX_EXT, time_index_name};
 use crate::writer::ActiveState;
 
 /// Largest index file read into memory: one entry per interval of the largest
@@ -99,13 +100,17 @@ pub(crate) fn recover(
     let mut bases = Vec::new();
     let mut temps = Vec::new();
     let mut indexes = Vec::new();
+    let mut time_indexes = Vec::new();
     for name in storage.list_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         if let Some(base) = segment::parse_name(&name, SEGMENT_EXT) {
             bases.push(base);
         } else if let Some(base) = segment::parse_name(&name, INDEX_EXT) {
             indexes.push(base);
-        } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| segment::parse_name(n, INDEX_EXT).is_some())
-            || name.strip_suffix(TEMP_SUFFIX) == Some(LAST_RECOVERY_FILE)
+        } else if let Some(base) = segment::parse_name(&name, TIME_INDEX_EXT) {
+            time_indexes.push(base);
+        } else if name.strip_suffix(TEMP_SUFFIX).is_some_and(|n| {
+            segment::parse_name(n, INDEX_EXT).is_some() || segment::parse_name(n, TIME_INDEX_EXT).is_some()
+        }) || name.strip_suffix(TEMP_SUFFIX) == Some(LAST_RECOVERY_FILE)
         {
             // A write-then-rename of ours interrupted by a crash; the rename never happened.
             temps.push(dir.join(&name));
@@ -118,6 +123,7 @@ pub(crate) fn recover(
     // deletes the index first, but a crash can still separate them).
     let first = bases.first().copied().unwrap_or(0);
     temps.extend(indexes.iter().filter(|&&b| b < first).map(|&b| dir.join(segment::index_name(b))));
+    temps.extend(time_indexes.iter().filter(|&&b| b < first).map(|&b| dir.join(time_index_name(b))));
 
     // The last segment: drop it while a crash left it unwritten (mid-roll).
     let (active_file, active_len) = loop {
@@ -340,6 +346,10 @@ fn recover_active(
     }
     let index_file = storage.open(&index_path, true).map_err(|e| Error::io("open", &index_path, e))?;
     let segment = Arc::new(Segment::new(dir, base, log::OPEN_END, end, entries.clone()));
+    if scan.next_offset == base {
+        // Empty: the writer keeps its time index from the first batch on.
+        segment.start_time_index();
+    }
     let active = ActiveState {
         segment,
         file,

@@ -12,6 +12,7 @@ use crate::fs::{StorageFile, write_all_at};
 use crate::index::{self, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_INTERVAL_BYTES, IndexEntry};
 use crate::log::{self, Log, Segment};
 use crate::segment::{self, SEGMENT_HEADER_LEN};
+use crate::timeindex;
 
 /// Zeros written per preallocation call, at most (bounds one write's buffer).
 const ZERO_CHUNK_BYTES: usize = 256 << 10;
@@ -142,8 +143,14 @@ impl Writer {
         self.active.set_data_len(end);
         self.written = batch.next_offset();
         self.counters.batches += 1;
-        if batch_pos >= self.last_indexed + INDEX_INTERVAL_BYTES {
+        let indexed = batch_pos >= self.last_indexed + INDEX_INTERVAL_BYTES;
+        if indexed {
             self.add_index_entry(batch.base_offset(), batch_pos);
+        }
+        if let (Ok(rel), Ok(pos)) =
+            (u32::try_from(batch.base_offset() - self.active.base), u32::try_from(batch_pos))
+        {
+            self.active.note_batch_time(rel, pos, batch.max_timestamp(), indexed);
         }
         if !self.cfg.publish_durable_only {
             self.log.publish(self.written);
@@ -247,6 +254,23 @@ impl Writer {
         let data_len = u32::try_from(self.pos)
             .map_err(|_| Error::corrupt(&self.active.path, self.pos, "segment too long"))?;
         log::write_sealed_index(storage, dir, self.active.base, &entries, self.written, data_len)?;
+        // The time index is a cache: one the writer did not keep (a segment
+        // already active at open) is built on first use; a stale file goes.
+        let tix = dir.join(timeindex::time_index_name(self.active.base));
+        match self.active.seal_time_index() {
+            Some(ti) => {
+                if let Err(e) = timeindex::write(storage, dir, self.active.base, &ti) {
+                    tracing::warn!(segment = %self.active.path.display(), error = %e, "could not write the time index");
+                }
+            }
+            None => {
+                if let Err(e) = storage.remove_file(&tix)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(file = %tix.display(), error = %e, "could not remove a stale time index");
+                }
+            }
+        }
 
         let base = self.written;
         let old_len = self.file_len;
@@ -267,6 +291,7 @@ impl Writer {
         self.file_len = file_len;
         self.synced_pos = self.pos;
         self.active.set_data_len(self.pos);
+        self.active.start_time_index();
         // Readers learn the old segment's end before any offset of the new one is visible.
         old.seal(base);
         self.log.count_sealed(&old, old_len);

@@ -410,3 +410,64 @@ fn consumer_stream_yields_records_as_they_come() {
     });
     assert_eq!(queue.consumers()[0].position, 50);
 }
+
+/// The first offset whose timestamp is at or after `t`, by reading everything.
+fn brute_force_offset_for(queue: &Queue, t: u64) -> u64 {
+    let mut r = queue.read_from(queue.first_offset()).unwrap();
+    while let Some(rec) = r.next().unwrap() {
+        if rec.timestamp_ms() >= t {
+            return rec.offset();
+        }
+    }
+    queue.next_offset()
+}
+
+#[test]
+fn seek_by_timestamp_uses_a_time_index_per_segment_rebuilt_when_damaged() {
+    let disk = SimDisk::new(9);
+    let open = || {
+        Queue::builder(sim_dir()).simulated(&disk).segment_bytes(8192).batch_bytes_max(600).open().unwrap()
+    };
+    let mut rng = common::Rng::new(9);
+    {
+        let queue = open();
+        // Mostly increasing timestamps, some going backwards (set by the caller).
+        let mut ts = 10_000u64;
+        for _ in 0..1500 {
+            ts = if rng.chance(10) { ts.saturating_sub(rng.below(500)) } else { ts + rng.below(40) };
+            queue.append_record(&Record::new(&[3u8; 60]).timestamp_ms(ts)).unwrap();
+        }
+        assert!(queue.stats().segments > 8);
+    }
+    let tix = |disk: &SimDisk| -> Vec<std::path::PathBuf> {
+        disk.files().into_iter().filter(|p| p.extension().is_some_and(|e| e == "tix")).collect()
+    };
+    let written = tix(&disk);
+    assert!(written.len() > 8, "a time index per sealed segment: {written:?}");
+    let targets: Vec<u64> = (0..60).map(|_| 9_000 + rng.below(40_000)).chain([0, 10_000, u64::MAX]).collect();
+    let check = |queue: &Queue| {
+        for &t in &targets {
+            assert_eq!(queue.offset_for_timestamp(t).unwrap(), brute_force_offset_for(queue, t), "t = {t}");
+        }
+    };
+    let queue = open();
+    check(&queue);
+    // Once each segment's newest timestamp is known, a search reads one time
+    // index and about one index interval of one segment.
+    let before = disk.ops();
+    let t = targets[7];
+    queue.offset_for_timestamp(t).unwrap();
+    let ops = disk.ops() - before;
+    assert!(ops <= 6, "a warm search took {ops} storage calls");
+    drop(queue);
+    // Damaged, missing and stale time indexes are rebuilt and give the same answers.
+    disk.flip_bit(&written[1], 40, 2);
+    disk.remove(&written[2]);
+    disk.truncate_file(&written[3], 20);
+    let queue = open();
+    check(&queue);
+    assert_eq!(tix(&disk).len(), written.len(), "rebuilt files written back");
+    // Retention removes a segment's time index with it.
+    queue.remove_before(queue.next_offset()).unwrap();
+    assert!(tix(&disk).len() <= 1, "{:?}", tix(&disk));
+}

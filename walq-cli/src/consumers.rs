@@ -36,7 +36,7 @@ pub enum ConsumerCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List consumer groups: ack floor, pending, unacked, dead letters (read-only, no lock).
+    /// List consumer groups: ack floor, delivered not done, unacked, dead letters (read-only, no lock).
     List {
         /// The queue directory.
         dir: PathBuf,
@@ -217,7 +217,7 @@ pub fn groups_json(state: &ConsumerState) -> Value {
                 "name": g.name,
                 "ack_floor": g.ack_floor,
                 "delivered_to": g.delivered_to,
-                "pending": g.pending,
+                "delivered_not_done": g.delivered_not_done,
                 "done_above_floor": g.done_above_floor,
                 "unacked": g.unacked,
                 "dead_letters": g.dead_letters,
@@ -251,7 +251,7 @@ pub fn write_groups(out: &mut impl Write, state: &ConsumerState) -> io::Result<(
         return writeln!(out, "  no consumer groups");
     }
     let mut rows = vec![
-        ["name", "ack floor", "pending", "done above floor", "unacked", "dead letters"]
+        ["name", "ack floor", "delivered, not done", "done above floor", "unacked", "dead letters"]
             .map(String::from)
             .to_vec(),
     ];
@@ -259,12 +259,12 @@ pub fn write_groups(out: &mut impl Write, state: &ConsumerState) -> io::Result<(
         rows.push(vec![
             g.name.clone(),
             g.ack_floor.to_string(),
-            g.pending.to_string(),
+            g.delivered_not_done.to_string(),
             g.done_above_floor.to_string(),
             g.unacked.to_string(),
             g.dead_letters.map_or("-".into(), |n| n.to_string()),
         ]);
     }
     output::table(out, &rows, &[false, true, true, true, true, true])?;
-    writeln!(out, "  (pending: delivered and not done, in flight or waiting for redelivery)")
+    writeln!(out, "  (delivered, not done: in flight or waiting for redelivery)")
 }

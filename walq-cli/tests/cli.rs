@@ -502,7 +502,7 @@ fn consumer_and_group_lists_read_the_journal_without_changing_anything() -> Test
     assert_eq!(
         v["groups"],
         serde_json::json!([{
-            "name": "workers", "ack_floor": 3, "delivered_to": 5, "pending": 2,
+            "name": "workers", "ack_floor": 3, "delivered_to": 5, "delivered_not_done": 2,
             "done_above_floor": 0, "unacked": 47, "dead_letters": 1,
         }])
     );
