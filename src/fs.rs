@@ -109,6 +109,7 @@ const EISDIR: i32 = 21;
 const EFBIG: i32 = 27;
 const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
+const EMFILE: i32 = 24;
 const EIO: i32 = 5;
 
 // ---------------------------------------------------------------------------
@@ -329,6 +330,9 @@ pub enum FaultKind {
     SyncFailDropPages,
     /// EROFS (raw OS error 30); the call has no effect. Any operation.
     ReadOnly,
+    /// EMFILE (raw OS error 24): the process has too many open files; the
+    /// call has no effect. Meant for [`FaultOp::Open`] and [`FaultOp::Create`].
+    TooManyFiles,
 }
 
 /// One fault for [`SimDisk::inject`]: the `nth` next call of kind `op`
@@ -679,6 +683,7 @@ fn errno(kind: FaultKind) -> io::Error {
     match kind {
         FaultKind::NoSpace => io::Error::from_raw_os_error(ENOSPC),
         FaultKind::ReadOnly => io::Error::from_raw_os_error(EROFS),
+        FaultKind::TooManyFiles => io::Error::from_raw_os_error(EMFILE),
         FaultKind::Eio | FaultKind::ShortWrite | FaultKind::SyncFailDropPages => {
             io::Error::from_raw_os_error(EIO)
         }
@@ -1034,7 +1039,7 @@ impl SimDisk {
             FaultKind::SyncFailDropPages => {
                 assert!(fault.op == FaultOp::Sync, "SyncFailDropPages applies to FaultOp::Sync only");
             }
-            FaultKind::Eio | FaultKind::NoSpace | FaultKind::ReadOnly => {}
+            FaultKind::Eio | FaultKind::NoSpace | FaultKind::ReadOnly | FaultKind::TooManyFiles => {}
         }
         let remaining = fault.nth;
         self.lock().faults.push(Armed { fault, remaining });
@@ -1050,6 +1055,11 @@ impl SimDisk {
     /// safety and not an idle injector.
     pub fn fault_counts(&self) -> BTreeMap<String, u64> {
         self.lock().fired.clone()
+    }
+
+    /// Disarms every injected fault that has not fired yet.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
     }
 
     /// The current content of a file (what a read sees), if it exists.

@@ -613,22 +613,14 @@ impl Log {
             self.cached.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| !Arc::ptr_eq(s, &victim));
             victim.map.lock().unwrap_or_else(|e| e.into_inner()).take();
             victim.sealed_index.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let storage = self.storage.as_ref();
-            // The indexes first: a segment without them rebuilds them, an
-            // index without a segment is just removed on the next open.
-            let tix = self.dir.join(timeindex::time_index_name(victim.base));
-            if let Err(e) = storage.remove_file(&tix)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(Error::io("remove", &tix, e));
+            if let Err(e) = self.remove_files(&victim) {
+                // Still (partly) on disk: put it back at the front, so that the
+                // next retention retries it before anything newer. Removing a
+                // newer segment while this one stays would leave a hole.
+                victim.removed.store(false, Ordering::Release);
+                self.segments.write().unwrap_or_else(|e| e.into_inner()).insert(0, Arc::clone(&victim));
+                return Err(e);
             }
-            if let Err(e) = storage.remove_file(&victim.index_path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(Error::io("remove", &victim.index_path, e));
-            }
-            storage.remove_file(&victim.path).map_err(|e| Error::io("remove", &victim.path, e))?;
-            storage.sync_dir(&self.dir).map_err(|e| Error::io("fsync", &self.dir, e))?;
             let size = victim.size.swap(0, Ordering::AcqRel);
             self.bytes.fetch_sub(size.min(self.bytes.load(Ordering::Acquire)), Ordering::AcqRel);
             self.removed.fetch_add(1, Ordering::AcqRel);
@@ -637,6 +629,25 @@ impl Log {
             self.tail.wake_all();
         }
         Ok(removed)
+    }
+}
+
+impl Log {
+    /// Deletes a segment's files: the indexes first (a segment without them
+    /// rebuilds them, an index without its segment is removed on the next
+    /// open), then the segment, then syncs the directory.
+    fn remove_files(&self, victim: &Segment) -> Result<()> {
+        let storage = self.storage.as_ref();
+        let tix = self.dir.join(timeindex::time_index_name(victim.base));
+        // NotFound: an earlier attempt that failed later already removed it.
+        for file in [&tix, &victim.index_path, &victim.path] {
+            if let Err(e) = storage.remove_file(file)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io("remove", file, e));
+            }
+        }
+        storage.sync_dir(&self.dir).map_err(|e| Error::io("fsync", &self.dir, e))
     }
 }
 
