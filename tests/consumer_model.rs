@@ -338,7 +338,7 @@ fn drain(w: &mut World, seed: u64) {
 
 #[test]
 fn consumer_and_group_model_with_crashes() {
-    let seeds = common::iterations(1000);
+    let seeds = common::iterations(2000);
     let first = common::seed(0);
     let mut restarts = 0;
     for seed in first..first + seeds {

@@ -265,7 +265,7 @@ fn random_run(seed: u64, steps: u64) -> u64 {
 #[test]
 fn random_workloads_with_power_cuts_keep_every_acknowledged_record() {
     let base = common::seed(0x5EED_0001);
-    let runs = common::iterations(4000);
+    let runs = common::iterations(5000);
     let mut crashes = 0;
     for i in 0..runs {
         let seed = base.wrapping_add(i);
