@@ -96,6 +96,7 @@ impl Consumer {
             }
         };
         std::mem::forget(guard);
+        core.add_user();
         Ok(Consumer {
             core: Arc::clone(core),
             name: name.to_string(),
@@ -243,6 +244,7 @@ impl Consumer {
 impl Drop for Consumer {
     fn drop(&mut self) {
         self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.name);
+        self.core.release_user();
     }
 }
 

@@ -177,6 +177,7 @@ impl<'q> GroupBuilder<'q> {
             core.ensure_housekeeping()?;
         }
         let state = State::from_image(&image, Reader::new(Arc::clone(&core.log), image.next));
+        core.add_user();
         let shared = Arc::new(Shared {
             core: Arc::clone(core),
             name: self.name.clone(),
@@ -561,7 +562,13 @@ impl Group {
         let mut st = self.lock();
         st.take_inflight(id)?;
         let count = st.counts.get(&id.offset).copied().unwrap_or(1);
-        self.dead_letter(&mut st, id.offset, count, reason)
+        let result = self.dead_letter(&mut st, id.offset, count, reason);
+        if result.is_err() {
+            // Not dead-lettered: it must not be stranded; redeliver it later.
+            let due = self.shared.core.clock.now_ms().saturating_add(RETRY_AFTER_FAILURE_MS);
+            st.ready.insert((due, id.offset));
+        }
+        result
     }
 
     fn deadline(&self) -> u64 {
@@ -650,10 +657,20 @@ impl Group {
                 let count = st.counts.get(&o).copied().unwrap_or(0);
                 let max_deliver = self.shared.opts.max_deliver;
                 if max_deliver > 0 && count >= max_deliver {
-                    self.dead_letter(&mut st, o, count, "max_deliver")?;
+                    if let Err(e) = self.dead_letter(&mut st, o, count, "max_deliver") {
+                        undo_fetch(&mut st, worker, &out, Some((o, now)));
+                        return Err(e);
+                    }
                     continue;
                 }
-                let record = if redelivery { read_at(&mut st, core, o)? } else { read_fresh(&mut st, o)? };
+                let record = if redelivery { read_at(&mut st, core, o) } else { read_fresh(&mut st, o) };
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        undo_fetch(&mut st, worker, &out, Some((o, now)));
+                        return Err(e);
+                    }
+                };
                 let Some(record) = record else {
                     // Removed by retention meanwhile.
                     st.stats.skipped += 1;
@@ -680,14 +697,7 @@ impl Group {
                 // worker: a record that crashes its process still counts.
                 let entry = Entry::Delivered { name: self.shared.name.clone(), items };
                 if let Err(e) = core.journal.record(&[entry], Durability::Os) {
-                    // Nothing was handed out: put them back.
-                    for d in &out {
-                        if let Some(f) = st.inflight.remove(&d.id.offset) {
-                            st.deadlines.remove(&(f.deadline, d.id.offset));
-                            st.release(worker);
-                        }
-                        st.ready.insert((0, d.id.offset));
-                    }
+                    undo_fetch(&mut st, worker, &out, None);
                     return Err(e);
                 }
                 return Ok(out);
@@ -698,8 +708,9 @@ impl Group {
             if elapsed >= timeout {
                 return Ok(out);
             }
-            let timer =
-                st.ready.first().map(|r| r.0).into_iter().chain(st.deadlines.first().map(|d| d.0)).min();
+            // A due redelivery is no reason to wake a worker with no room.
+            let ready_due = if room > 0 { st.ready.first().map(|r| r.0) } else { None };
+            let timer = ready_due.into_iter().chain(st.deadlines.first().map(|d| d.0)).min();
             let mut deadline = started + timeout;
             if let Some(t) = timer {
                 deadline = deadline.min(Instant::now() + Duration::from_millis(t.saturating_sub(now).max(1)));
@@ -748,6 +759,36 @@ impl Group {
             .core
             .journal
             .record(&[Entry::Skip { name: self.shared.name.clone(), to: first }], Durability::Os)
+    }
+}
+
+/// After a failed step, a record waits this long (ms, queue clock) before it
+/// is tried again.
+const RETRY_AFTER_FAILURE_MS: u64 = 1000;
+
+/// Takes back the deliveries a failed fetch had prepared (the worker never
+/// got them): not in flight, counts as before, ready at once; the record
+/// whose step failed (`failed`, with the time) is retried after a pause.
+fn undo_fetch(st: &mut State, worker: u64, out: &[Delivery], failed: Option<(u64, u64)>) {
+    for d in out {
+        let o = d.id.offset;
+        if let Some(f) = st.inflight.remove(&o) {
+            st.deadlines.remove(&(f.deadline, o));
+            st.release(worker);
+        }
+        match d.count.checked_sub(1) {
+            Some(c) if c > 0 => {
+                st.counts.insert(o, c);
+            }
+            _ => {
+                st.counts.remove(&o);
+            }
+        }
+        st.stats.delivered = st.stats.delivered.saturating_sub(1);
+        st.ready.insert((0, o));
+    }
+    if let Some((o, now)) = failed {
+        st.ready.insert((now.saturating_add(RETRY_AFTER_FAILURE_MS), o));
     }
 }
 
@@ -827,5 +868,6 @@ impl Drop for Shared {
         if let Err(e) = self.core.journal.flush(true) {
             tracing::error!(group = %self.name, error = %e, "could not sync acknowledgements on close; they may be redelivered");
         }
+        self.core.release_user();
     }
 }

@@ -34,6 +34,8 @@ const ENTRY_HEADER_LEN: usize = 8;
 pub(crate) const ENTRY_BODY_MAX: usize = 1 << 20;
 /// Zeroed room kept ahead of the last entry, at least.
 const PREALLOCATE_MIN: u64 = 64 << 10;
+/// After a failed write, the housekeeping thread retries the rewrite this soon.
+const RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Longest consumer or group name, in bytes.
 pub(crate) const NAME_MAX: usize = 128;
 /// Offsets per `Delivered`/`Done` entry, at most (keeps entries far below the bound).
@@ -100,7 +102,7 @@ pub(crate) struct GroupImage {
 
 impl GroupImage {
     fn advance_floor(&mut self) {
-        while self.done.remove(&self.floor) {
+        while self.floor < u64::MAX && self.done.remove(&self.floor) {
             self.floor += 1;
         }
         self.next = self.next.max(self.floor);
@@ -133,7 +135,7 @@ impl Image {
                         if o >= g.floor && !g.done.contains(&o) {
                             let slot = g.counts.entry(o).or_insert(0);
                             *slot = (*slot).max(c);
-                            g.next = g.next.max(o + 1);
+                            g.next = g.next.max(o.saturating_add(1));
                         }
                     }
                 }
@@ -144,7 +146,7 @@ impl Image {
                         if o >= g.floor {
                             g.counts.remove(&o);
                             g.done.insert(o);
-                            g.next = g.next.max(o + 1);
+                            g.next = g.next.max(o.saturating_add(1));
                         }
                     }
                     g.advance_floor();
@@ -380,14 +382,19 @@ pub(crate) fn parse(data: &[u8], path: &Path) -> Result<Parsed> {
         && &data[..8] == MAGIC
         && crc32c::crc32c(&data[..12]) == u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
     if !header_ok {
-        if !data.is_empty() {
-            p.damage = Some((0, "journal header is damaged or not a walq journal".into()));
-            p.dirty_tail = data.iter().any(|&b| b != 0);
+        if data.is_empty() {
+            return Ok(p);
         }
-        return Ok(p);
+        p.damage = Some((0, "journal header is damaged or not a walq journal".into()));
+        if data.len() < JOURNAL_HEADER_LEN {
+            p.dirty_tail = data.iter().any(|&b| b != 0);
+            return Ok(p);
+        }
+        // A damaged header does not damage the entries: each has its own
+        // checksum, so the state is still read (as version 1) rather than lost.
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-    if version > JOURNAL_VERSION {
+    if header_ok && version > JOURNAL_VERSION {
         return Err(Error::UnsupportedFormat {
             path: path.into(),
             found: version,
@@ -408,7 +415,9 @@ pub(crate) fn parse(data: &[u8], path: &Path) -> Result<Parsed> {
             _ => None,
         };
         let Some(entry) = entry else {
-            p.damage = Some((pos as u64, "journal entry fails its length, checksum or structure".into()));
+            if p.damage.is_none() {
+                p.damage = Some((pos as u64, "journal entry fails its length, checksum or structure".into()));
+            }
             break;
         };
         p.image.apply(&entry);
@@ -447,6 +456,9 @@ struct Inner {
     /// The next write must rewrite the whole file (first write after damage,
     /// or after a failed write left the file in an unknown state).
     rewrite: bool,
+    /// The image holds entries the file may lack (a write failed): the file
+    /// must be rewritten even if nothing new is recorded.
+    dirty: bool,
     image: Image,
     /// Entries dropped at load because of damage (reported in stats).
     damaged: bool,
@@ -486,8 +498,8 @@ impl Journal {
         if clamped {
             tracing::warn!(journal = %path.display(), next_offset, "consumer positions past the log end were moved back to it");
         }
-        let rewrite =
-            file.is_none() || parsed.dirty_tail || clamped || parsed.valid_end < JOURNAL_HEADER_LEN as u64;
+        let rewrite = file.is_none() || parsed.dirty_tail || clamped || parsed.damage.is_some();
+        let dirty = clamped;
         Ok(Journal {
             storage,
             dir: dir.to_path_buf(),
@@ -500,6 +512,7 @@ impl Journal {
                 due: None,
                 unsynced: false,
                 rewrite,
+                dirty,
                 image,
                 damaged: parsed.damage.is_some(),
             }),
@@ -515,6 +528,12 @@ impl Journal {
         f(&self.lock().image)
     }
 
+    /// Whether loading changed the state (positions above the log's end
+    /// lowered): the caller persists it before anything else happens.
+    pub(crate) fn needs_persist(&self) -> bool {
+        self.lock().dirty
+    }
+
     /// Whether loading found damage.
     pub(crate) fn damaged(&self) -> bool {
         self.lock().damaged
@@ -527,7 +546,26 @@ impl Journal {
         let mut inner = self.lock();
         for e in entries {
             inner.image.apply(e);
-            encode_entry(&mut inner.buf, e);
+            // Long lists go in several entries, each far below ENTRY_BODY_MAX.
+            match e {
+                Entry::Delivered { name, items } if items.len() > OFFSETS_PER_ENTRY => {
+                    for chunk in items.chunks(OFFSETS_PER_ENTRY) {
+                        encode_entry(
+                            &mut inner.buf,
+                            &Entry::Delivered { name: name.clone(), items: chunk.to_vec() },
+                        );
+                    }
+                }
+                Entry::Done { name, offsets } if offsets.len() > OFFSETS_PER_ENTRY => {
+                    for chunk in offsets.chunks(OFFSETS_PER_ENTRY) {
+                        encode_entry(
+                            &mut inner.buf,
+                            &Entry::Done { name: name.clone(), offsets: chunk.to_vec() },
+                        );
+                    }
+                }
+                e => encode_entry(&mut inner.buf, e),
+            }
         }
         match durability {
             Durability::Sync => self.write_out(&mut inner, true),
@@ -558,11 +596,11 @@ impl Journal {
     }
 
     fn write_out(&self, inner: &mut Inner, sync: bool) -> Result<()> {
-        if inner.buf.is_empty() && !(sync && inner.unsynced) {
+        if inner.buf.is_empty() && !inner.dirty && !(sync && inner.unsynced) {
             return Ok(()); // nothing to write: never create or rewrite the file for nothing
         }
         let result = (|| {
-            if inner.rewrite || inner.end + inner.buf.len() as u64 > inner.room {
+            if inner.rewrite || inner.dirty || inner.end + inner.buf.len() as u64 > inner.room {
                 return self.rewrite(inner);
             }
             if !inner.buf.is_empty() {
@@ -571,25 +609,37 @@ impl Journal {
                     .map_err(|e| Error::io("write", &self.path, e))?;
                 inner.end += inner.buf.len() as u64;
                 inner.buf.clear();
-                inner.due = None;
+                // `due` stays: written is not synced; `Interval` entries
+                // still need the fdatasync their deadline promises.
                 inner.unsynced = true;
             }
             if sync && inner.unsynced {
                 let file = self.file(inner)?;
                 file.sync_data().map_err(|e| Error::io("fdatasync", &self.path, e))?;
                 inner.unsynced = false;
+                inner.due = None;
             }
             Ok(())
         })();
         if result.is_err() {
-            // What reached the file is unknown: the next write rewrites it
-            // from the image (which already holds these entries).
+            // What reached the file is unknown: rewrite it from the image
+            // (which already holds these entries), at the next write or when
+            // the housekeeping thread retries, and at close.
             inner.rewrite = true;
+            inner.dirty = true;
             inner.file = None;
             inner.buf.clear();
-            inner.due = None;
+            inner.due = Some(std::time::Instant::now() + RETRY_AFTER_FAILURE);
         }
         result
+    }
+
+    /// Writes the image now (temp file, fdatasync, rename, directory fsync):
+    /// used when opening changed the state (positions clamped to the log).
+    pub(crate) fn persist(&self) -> Result<()> {
+        let mut inner = self.lock();
+        inner.dirty = true;
+        self.write_out(&mut inner, true)
     }
 
     fn file(&self, inner: &mut Inner) -> Result<Arc<dyn StorageFile>> {
@@ -625,6 +675,7 @@ impl Journal {
         inner.due = None;
         inner.unsynced = false;
         inner.rewrite = false;
+        inner.dirty = false;
         Ok(())
     }
 }

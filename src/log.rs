@@ -419,7 +419,8 @@ impl Log {
                 &map[..(len as usize).min(map.len())],
                 seg.base,
                 index::INDEX_INTERVAL_BYTES,
-            ));
+            )
+            .0);
         }
         let path = self.dir.join(timeindex::time_index_name(seg.base));
         let from_file = self.storage.open_read(&path).ok().and_then(|file| {
@@ -433,7 +434,15 @@ impl Log {
             None => {
                 tracing::debug!(segment = %seg.path.display(), "time index missing or unusable, rebuilding it");
                 let map = self.map(seg, 0, None)?;
-                let ti = TimeIndex::build(&map, seg.base, index::INDEX_INTERVAL_BYTES);
+                let (ti, reached) = TimeIndex::build(&map, seg.base, index::INDEX_INTERVAL_BYTES);
+                if reached != seg.end() {
+                    // Never a confident wrong answer from a damaged segment.
+                    return Err(Error::corrupt(
+                        &seg.path,
+                        0,
+                        format!("sealed segment stops at offset {reached} before {}", seg.end()),
+                    ));
+                }
                 if let Err(e) = timeindex::write(self.storage.as_ref(), &self.dir, seg.base, &ti) {
                     tracing::warn!(segment = %seg.path.display(), error = %e, "could not write the rebuilt time index");
                 }

@@ -66,6 +66,9 @@ pub(crate) struct Core {
     pub groups: Mutex<HashMap<String, Weak<crate::group::Shared>>>,
     housekeeping: Arc<Housekeeping>,
     housekeeper: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The queue handle plus open consumers and groups: the housekeeping
+    /// thread runs until the last of them is dropped.
+    users: std::sync::atomic::AtomicUsize,
     _lock: Box<dyn DirLock>,
 }
 
@@ -193,6 +196,20 @@ impl Core {
             .map_err(|e| Error::io("spawn housekeeping thread", &self.log.dir, e))?;
         *slot = Some(handle);
         Ok(())
+    }
+
+    /// A consumer or group starts using the core (see `users`).
+    pub(crate) fn add_user(&self) {
+        self.users.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The queue, a consumer or a group is done with the core; the last one
+    /// stops the housekeeping thread (and waits for it, so that it holds no
+    /// reference that would keep the directory locked).
+    pub(crate) fn release_user(&self) {
+        if self.users.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.stop_housekeeping();
+        }
     }
 
     /// Stops the housekeeping thread and waits for it (so that it holds no
@@ -352,6 +369,12 @@ impl Queue {
             clock: b.clock.clone(),
         };
         let journal = Journal::load(Arc::clone(&b.storage), &b.dir, next)?;
+        if journal.needs_persist() {
+            // Positions above the recovered log end were lowered: save that
+            // now, or a restart before the next commit would raise them again
+            // over records appended meanwhile.
+            journal.persist()?;
+        }
         if b.retention.max_bytes.is_some() || b.max_bytes.is_some() {
             log.track_bytes()?;
         }
@@ -365,6 +388,7 @@ impl Queue {
             groups: Mutex::new(HashMap::new()),
             housekeeping: Arc::new(Housekeeping::default()),
             housekeeper: Mutex::new(None),
+            users: std::sync::atomic::AtomicUsize::new(1),
             _lock: rec.lock,
         });
         let queue = Queue { flush, log, core, durability: b.durability, report: rec.report, options: b };
@@ -669,13 +693,16 @@ impl Queue {
     /// open ([`Error::InUse`]) and must exist ([`Error::UnknownConsumer`]).
     pub fn delete_consumer(&self, name: &str) -> Result<()> {
         check_name("consumer", name)?;
-        if self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner()).contains(name) {
+        // Held across the write, so that the consumer cannot be opened meanwhile.
+        let open = self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner());
+        if open.contains(name) {
             return Err(Error::InUse { name: name.to_string() });
         }
         if !self.core.journal.with_image(|img| img.consumers.contains_key(name)) {
             return Err(Error::UnknownConsumer { kind: "consumer", name: name.to_string() });
         }
         self.core.journal.record(&[Entry::DeleteConsumer { name: name.to_string() }], Durability::Sync)?;
+        drop(open);
         self.core.retention_due();
         Ok(())
     }
@@ -684,11 +711,13 @@ impl Queue {
     /// `walq consumer reset` does.
     pub fn reset_consumer(&self, name: &str, start: StartAt) -> Result<u64> {
         check_name("consumer", name)?;
-        if self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner()).contains(name) {
+        let open = self.core.open_consumers.lock().unwrap_or_else(|e| e.into_inner());
+        if open.contains(name) {
             return Err(Error::InUse { name: name.to_string() });
         }
         let offset = self.core.resolve_start(start)?;
         self.core.journal.record(&[Entry::Commit { name: name.to_string(), offset }], Durability::Sync)?;
+        drop(open);
         self.core.retention_due();
         Ok(offset)
     }
@@ -706,15 +735,17 @@ impl Queue {
             let g = self.core.groups.lock().unwrap_or_else(|e| e.into_inner());
             g.iter().filter_map(|(n, w)| Some((n.clone(), crate::Group::from_shared(w.upgrade()?)))).collect()
         };
-        self.core.journal.with_image(|img| {
-            img.groups
-                .iter()
-                .map(|(name, g)| match open.get(name) {
-                    Some(live) => live.info(),
-                    None => GroupInfo::saved(name, g, next),
-                })
-                .collect()
-        })
+        // A copy first: `info` takes a group's lock, which must never be
+        // taken while holding the journal's (fetch and ack take them the
+        // other way round).
+        let saved = self.core.journal.with_image(|img| img.groups.clone());
+        saved
+            .iter()
+            .map(|(name, g)| match open.get(name) {
+                Some(live) => live.info(),
+                None => GroupInfo::saved(name, g, next),
+            })
+            .collect()
     }
 
     /// Deletes a group's saved state (durably; its dead-letter queue stays).
@@ -822,7 +853,6 @@ impl Queue {
     /// an error. On a poisoned queue this is [`Error::Poisoned`]: what was
     /// appended without `Sync` since the failure may not be on disk.
     pub fn close(self) -> Result<()> {
-        self.core.stop_housekeeping();
         self.flush.stop_background();
         let result = self.flush.final_flush();
         let journal = self.core.journal.flush(true);
@@ -833,7 +863,7 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        self.core.stop_housekeeping();
+        self.core.release_user();
         self.flush.stop_background();
         if !self.flush.is_poisoned()
             && let Err(e) = self.flush.final_flush()

@@ -128,9 +128,11 @@ impl TimeIndex {
 
     /// Builds the time index of a segment's bytes (`data`, the whole file or
     /// a prefix of whole batches), stopping at the first batch that does not
-    /// verify. Entry points follow the offset index's rule (a batch at least
-    /// `interval` bytes after the last indexed one).
-    pub(crate) fn build(data: &[u8], base: u64, interval: u64) -> TimeIndex {
+    /// verify; also returns the offset after the last batch read (a sealed
+    /// segment must reach its end, or it is damaged). Entry points follow
+    /// the offset index's rule (a batch at least `interval` bytes after the
+    /// last indexed one).
+    pub(crate) fn build(data: &[u8], base: u64, interval: u64) -> (TimeIndex, u64) {
         let mut ti = TimeIndex::default();
         let mut pos = SEGMENT_HEADER_LEN;
         let mut expected = base;
@@ -141,7 +143,7 @@ impl TimeIndex {
             for r in batch::records(slice, &header) {
                 match r {
                     Ok(r) => newest = newest.max(r.timestamp_ms),
-                    Err(_) => return ti,
+                    Err(_) => return (ti, expected),
                 }
             }
             let indexed = pos as u64 >= last_indexed + interval;
@@ -156,7 +158,7 @@ impl TimeIndex {
                 break; // cannot happen for a verified batch; never loop forever
             }
         }
-        ti
+        (ti, expected)
     }
 }
 
