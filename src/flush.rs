@@ -36,6 +36,15 @@ use crate::writer::Writer;
 /// The longest a leader waits to gather the producers of the last round.
 const GATHER_MAX: Duration = Duration::from_micros(200);
 
+/// Upper bounds (inclusive, microseconds) of the buckets of
+/// [`Stats::sync_histogram`](crate::Stats::sync_histogram); one more bucket
+/// counts what lies above the last bound. Prometheus' `le` labels.
+pub const SYNC_HISTOGRAM_BOUNDS_MICROS: [u32; 12] =
+    [50, 100, 200, 300, 500, 750, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000];
+/// Buckets of the sync latency histogram: the bounds plus one.
+pub(crate) const SYNC_HISTOGRAM_BUCKETS: usize = SYNC_HISTOGRAM_BOUNDS_MICROS.len() + 1;
+const _: () = assert!(SYNC_HISTOGRAM_BUCKETS == 13, "Stats::sync_histogram has 13 buckets");
+
 /// Sync latencies kept for the percentiles in [`crate::Stats`].
 const SYNC_LATENCIES_KEPT: usize = 1024;
 
@@ -147,6 +156,9 @@ pub(crate) struct FlushStats {
     /// The most recent sync latencies (µs), a ring.
     pub sync_micros: Vec<u32>,
     pub sync_micros_next: usize,
+    /// Every flush round's latency since open, counted per bucket of
+    /// [`crate::SYNC_HISTOGRAM_BOUNDS_MICROS`] (the last bucket: above all bounds).
+    pub sync_histogram: [u64; SYNC_HISTOGRAM_BUCKETS],
     pub next_offset: u64,
     pub written: u64,
     pub durable: u64,
@@ -490,6 +502,8 @@ impl<W: FlushIo> Flush<W> {
                         stats.sync_micros[i] = micros;
                     }
                     stats.sync_micros_next = (stats.sync_micros_next + 1) % SYNC_LATENCIES_KEPT;
+                    let bucket = SYNC_HISTOGRAM_BOUNDS_MICROS.partition_point(|&b| b < micros);
+                    stats.sync_histogram[bucket] += 1;
                 }
                 while st.waiters.front().is_some_and(|w| w.target <= st.durable) {
                     if let Some(w) = st.waiters.pop_front() {

@@ -69,6 +69,7 @@ pub use config::{
 pub use consumer::ConsumerStream;
 pub use consumer::{Consumer, ConsumerInfo, StartAt};
 pub use error::{Error, Result};
+pub use flush::SYNC_HISTOGRAM_BOUNDS_MICROS;
 pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
 #[cfg(feature = "async")]
 pub use future::AppendFuture;

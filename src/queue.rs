@@ -331,6 +331,12 @@ pub struct Stats {
     /// Whether the consumer journal was damaged at open (positions fell back
     /// to its last valid entry; see the log).
     pub consumer_journal_damaged: bool,
+    /// Every flush round (writes and fdatasync) since open, counted by
+    /// latency: bucket `i` holds rounds of at most
+    /// [`SYNC_HISTOGRAM_BOUNDS_MICROS`](crate::SYNC_HISTOGRAM_BOUNDS_MICROS)`[i]`
+    /// microseconds (and above the previous bound); the last bucket, the rest.
+    /// Not cumulative; a Prometheus exporter sums them.
+    pub sync_histogram: [u64; 13],
 }
 
 impl Queue {
@@ -815,6 +821,7 @@ impl Queue {
     /// queue.append(b"x")?;
     /// let stats = queue.stats();
     /// assert_eq!((stats.appends, stats.durable_offset, stats.syncs), (1, 1, 1));
+    /// assert_eq!(stats.sync_histogram.iter().sum::<u64>(), stats.syncs);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn stats(&self) -> Stats {
@@ -845,6 +852,7 @@ impl Queue {
             segments_removed: self.log.segments_removed(),
             bytes_on_disk: self.log.total_bytes(),
             consumer_journal_damaged: self.core.journal.damaged(),
+            sync_histogram: f.sync_histogram,
         }
     }
 
