@@ -471,3 +471,35 @@ fn seek_by_timestamp_uses_a_time_index_per_segment_rebuilt_when_damaged() {
     queue.remove_before(queue.next_offset()).unwrap();
     assert!(tix(&disk).len() <= 1, "{:?}", tix(&disk));
 }
+
+#[test]
+fn seek_by_timestamp_in_a_damaged_sealed_segment_is_corrupt_not_a_wrong_answer() {
+    let disk = SimDisk::new(10);
+    let open = || {
+        Queue::builder(sim_dir()).simulated(&disk).segment_bytes(8192).batch_bytes_max(600).open().unwrap()
+    };
+    {
+        let queue = open();
+        for i in 0..400u64 {
+            queue.append_record(&Record::new(&[5u8; 60]).timestamp_ms(1_000 + i)).unwrap();
+        }
+        assert!(queue.stats().segments > 3);
+    }
+    let mut segs: Vec<_> =
+        disk.files().into_iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    segs.sort();
+    // The second segment: its time index gone, a bit flipped in the middle of its data.
+    let seg = &segs[1];
+    disk.remove(&seg.with_extension("tix"));
+    let len = disk.read_file(seg).unwrap().len() as u64;
+    disk.flip_bit(seg, len / 2, 3);
+    let queue = open();
+    // Its first record's time: the search must read (rebuild) its time index.
+    let base: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let err = queue.offset_for_timestamp(1_000 + base + 1).unwrap_err();
+    assert!(matches!(err, walq::Error::Corrupt { .. }), "{err:?}");
+    assert!(
+        !disk.files().contains(&seg.with_extension("tix")),
+        "no time index written from a damaged segment"
+    );
+}

@@ -203,7 +203,7 @@ fn after_a_restart_unacknowledged_deliveries_come_back_and_acknowledged_ones_do_
 }
 
 #[test]
-fn delivery_counts_survive_power_cuts_so_poison_records_reach_the_dead_letters() {
+fn delivery_counts_survive_process_crashes_so_poison_records_reach_the_dead_letters() {
     // A record that kills its worker before the ack is delivered again after
     // every restart, its count raised each time, until it is dead-lettered.
     for seed in 0..30 {
