@@ -322,6 +322,38 @@ impl DeliveryId {
     pub fn offset(&self) -> u64 {
         self.offset
     }
+
+    /// The id as an opaque string, `<offset>.<seq>`, for programs that pass
+    /// it on out of process (the `walq serve` API); [`from_token`](DeliveryId::from_token)
+    /// reads it back. A token is only meaningful to the group handle that
+    /// made the delivery: after the group is reopened, an old token is at
+    /// worst [`Error::DeliveryNotPending`], or names the redelivery of the
+    /// same record.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"job")?;
+    /// let group = queue.group("g").open()?;
+    /// let delivery = group.worker().fetch(1, std::time::Duration::ZERO)?.remove(0);
+    /// let token = delivery.id().to_token();
+    /// let id = walq::DeliveryId::from_token(&token).expect("a token we made");
+    /// group.ack(id)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn to_token(&self) -> String {
+        format!("{}.{}", self.offset, self.seq)
+    }
+
+    /// Reads a token made by [`to_token`](DeliveryId::to_token); `None` for
+    /// anything else (two decimal numbers joined by one `.`, no signs, no
+    /// spaces, each fitting a `u64`).
+    pub fn from_token(token: &str) -> Option<DeliveryId> {
+        let (offset, seq) = token.split_once('.')?;
+        let number =
+            |s: &str| if s.bytes().all(|b| b.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
+        Some(DeliveryId { offset: number(offset)?, seq: number(seq)? })
+    }
 }
 
 /// A record handed to a worker, to be acknowledged.
@@ -869,5 +901,35 @@ impl Drop for Shared {
             tracing::error!(group = %self.name, error = %e, "could not sync acknowledgements on close; they may be redelivered");
         }
         self.core.release_user();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_token_round_trips_and_rejects_anything_else() {
+        for (offset, seq) in [(0, 0), (7, 1), (u64::MAX, u64::MAX)] {
+            let id = DeliveryId { offset, seq };
+            assert_eq!(DeliveryId::from_token(&id.to_token()), Some(id));
+        }
+        for bad in [
+            "",
+            ".",
+            "1",
+            "1.",
+            ".1",
+            "1.2.3",
+            "+1.2",
+            "1.-2",
+            " 1.2",
+            "1.2 ",
+            "a.b",
+            "18446744073709551616.0",
+            "١.٢",
+        ] {
+            assert_eq!(DeliveryId::from_token(bad), None, "{bad:?}");
+        }
     }
 }

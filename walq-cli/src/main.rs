@@ -3,12 +3,13 @@
 //! directory without modifying it (even while a live queue writes it);
 //! `produce` appends records; `repair` cuts a damaged log after asking;
 //! `consumer` and `group` list (read-only), reset and delete named consumers
-//! and consumer groups.
+//! and consumer groups; `serve` runs the HTTP sidecar (`walq-server`).
 
 mod bench;
 mod consumers;
 mod output;
 mod read;
+mod serve;
 mod write;
 
 use std::path::PathBuf;
@@ -146,6 +147,9 @@ enum Command {
         #[command(subcommand)]
         command: consumers::GroupCommand,
     },
+    /// Serve a directory of named queues over HTTP (the sidecar), with probes and metrics.
+    #[command(after_help = serve::SERVE_HELP)]
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// How `dump` and `tail` print records.
@@ -172,6 +176,8 @@ enum Failure {
     Problems,
     /// Writing the output failed (a closed pipe is not a failure).
     Output(std::io::Error),
+    /// A message to print and the exit code to end with (`serve`).
+    Exit(String, u8),
 }
 
 impl From<walq::Error> for Failure {
@@ -203,7 +209,8 @@ type CmdResult = Result<(), Failure>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A server says what it does (info) unless asked for more.
+    init_logging(if matches!(cli.command, Command::Serve(_)) { cli.verbose.max(1) } else { cli.verbose });
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Inspect { dir, json } => read::inspect(&dir, json),
@@ -218,6 +225,7 @@ fn main() -> ExitCode {
         Command::Repair(args) => write::repair(&args),
         Command::Consumer { command } => consumers::consumer(&command),
         Command::Group { command } => consumers::group(&command),
+        Command::Serve(args) => serve::serve(&args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -243,6 +251,10 @@ fn main() -> ExitCode {
             ExitCode::from(exit::USAGE)
         }
         Err(Failure::Problems) => ExitCode::from(exit::PROBLEMS),
+        Err(Failure::Exit(msg, code)) => {
+            eprintln!("walq serve: {msg}");
+            ExitCode::from(code)
+        }
     }
 }
 
