@@ -34,10 +34,22 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u
     Ok((status, body))
 }
 
+/// Kills the server if the test fails before it exits, so that no process outlives the test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn sigterm_drains_and_keeps_every_acknowledged_record() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walq"))
+    let child = Command::new(env!("CARGO_BIN_EXE_walq"))
         .args([
             "serve",
             "--listen",
@@ -52,8 +64,9 @@ fn sigterm_drains_and_keeps_every_acknowledged_record() -> Result<(), Box<dyn st
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let mut child = KillOnDrop(child);
     let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first)?;
+    BufReader::new(child.0.stdout.take().expect("stdout")).read_line(&mut first)?;
     // "walq serve: listening on A, admin on B"
     let words: Vec<&str> = first.split_whitespace().collect();
     let (data, admin) = (words[4].trim_end_matches(',').to_string(), words[7].to_string());
@@ -88,14 +101,14 @@ fn sigterm_drains_and_keeps_every_acknowledged_record() -> Result<(), Box<dyn st
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let kill = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status()?;
     assert!(kill.success());
     for p in producers {
         p.join().expect("producer");
     }
-    let status = child.wait()?;
+    let status = child.0.wait()?;
     let mut stderr = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut stderr)?;
+    child.0.stderr.take().expect("stderr").read_to_string(&mut stderr)?;
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
 
     let acked = acked.lock().unwrap();
