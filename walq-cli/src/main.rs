@@ -277,5 +277,9 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        // A closed stderr must not turn a log line into a panic (the
+        // subscriber reports its own write errors with eprintln!, which
+        // panics): `walq serve` would then miss the SIGTERM it was logging.
+        .log_internal_errors(false)
         .init();
 }

@@ -158,10 +158,10 @@ pub fn serve(args: &ServeArgs) -> CmdResult {
         let handle = server.handle();
         tokio::spawn(async move {
             let first = signals.next().await;
-            tracing::info!("{first}: draining (send it again to exit at once)");
             handle.shutdown();
+            tracing::info!("{first}: draining (send it again to exit at once)");
             let second = signals.next().await;
-            eprintln!("walq serve: {second} again: exiting without draining");
+            tracing::warn!("{second} again: exiting without draining");
             // Records acknowledged as `os` reach the OS first (sync ones are on disk already).
             let h = handle.clone();
             let _ = tokio::time::timeout(
