@@ -159,6 +159,8 @@ pub(crate) struct FlushStats {
     /// Every flush round's latency since open, counted per bucket of
     /// [`crate::SYNC_HISTOGRAM_BOUNDS_MICROS`] (the last bucket: above all bounds).
     pub sync_histogram: [u64; SYNC_HISTOGRAM_BUCKETS],
+    /// Sum of every round's latency since open (µs).
+    pub sync_micros_total: u64,
     pub next_offset: u64,
     pub written: u64,
     pub durable: u64,
@@ -504,6 +506,7 @@ impl<W: FlushIo> Flush<W> {
                     stats.sync_micros_next = (stats.sync_micros_next + 1) % SYNC_LATENCIES_KEPT;
                     let bucket = SYNC_HISTOGRAM_BOUNDS_MICROS.partition_point(|&b| b < micros);
                     stats.sync_histogram[bucket] += 1;
+                    stats.sync_micros_total += u64::from(micros);
                 }
                 while st.waiters.front().is_some_and(|w| w.target <= st.durable) {
                     if let Some(w) = st.waiters.pop_front() {

@@ -60,3 +60,35 @@ impl Future for AppendFuture {
         Poll::Ready(outcome.map(|()| this.range.clone()))
     }
 }
+
+/// The future of [`Queue::wait_visible_async`](crate::Queue::wait_visible_async):
+/// resolves (to the visible watermark) once a record at `offset` is visible to
+/// readers, woken by the append that publishes it; no thread waits.
+#[derive(Debug)]
+#[must_use = "a future does nothing unless awaited"]
+pub struct VisibleFuture {
+    log: Arc<crate::log::Log>,
+    offset: u64,
+}
+
+impl VisibleFuture {
+    pub(crate) fn new(log: Arc<crate::log::Log>, offset: u64) -> VisibleFuture {
+        VisibleFuture { log, offset }
+    }
+}
+
+impl Future for VisibleFuture {
+    type Output = u64;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u64> {
+        let (log, offset) = (&self.log, self.offset);
+        let visible = log.visible();
+        if visible > offset {
+            return Poll::Ready(visible);
+        }
+        // Registered before the re-check, so an append in between still wakes us.
+        if log.tail.register(cx.waker(), || log.visible() > offset) {
+            return Poll::Ready(log.visible());
+        }
+        Poll::Pending
+    }
+}

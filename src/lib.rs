@@ -72,7 +72,7 @@ pub use error::{Error, Result};
 pub use flush::SYNC_HISTOGRAM_BOUNDS_MICROS;
 pub use fs::{Fault, FaultKind, FaultOp, SimDisk};
 #[cfg(feature = "async")]
-pub use future::AppendFuture;
+pub use future::{AppendFuture, VisibleFuture};
 pub use group::{
     ACK_DURABILITY_DEFAULT, ACK_WAIT_DEFAULT, Delivery, DeliveryId, Group, GroupBuilder, GroupInfo,
     GroupStats, MAX_DELIVER_DEFAULT, PREFETCH_DEFAULT, Worker, dead_letter_headers,

@@ -337,6 +337,9 @@ pub struct Stats {
     /// microseconds (and above the previous bound); the last bucket, the rest.
     /// Not cumulative; a Prometheus exporter sums them.
     pub sync_histogram: [u64; 13],
+    /// The sum of every flush round's latency since open, in microseconds
+    /// (a histogram's `_sum`).
+    pub sync_micros_total: u64,
 }
 
 impl Queue {
@@ -622,6 +625,35 @@ impl Queue {
         self.flush.next_offset()
     }
 
+    /// The offset after the last record readers can see (with
+    /// [`Durability::Sync`], the last durable one). One atomic load.
+    pub fn visible_offset(&self) -> u64 {
+        self.log.visible()
+    }
+
+    /// A future that resolves, to the visible watermark, once the record at
+    /// `offset` is visible to readers (feature `async`): long-polls without a
+    /// blocked thread. Woken by the append that publishes the record.
+    ///
+    /// ```
+    /// # #[cfg(feature = "async")] {
+    /// # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// # rt.block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let queue = std::sync::Arc::new(walq::Queue::open(dir.path()).unwrap());
+    /// let q = queue.clone();
+    /// let writer = std::thread::spawn(move || q.append(b"late").unwrap());
+    /// let visible = queue.wait_visible_async(0).await;
+    /// assert!(visible >= 1);
+    /// writer.join().unwrap();
+    /// # });
+    /// # }
+    /// ```
+    #[cfg(feature = "async")]
+    pub fn wait_visible_async(&self, offset: u64) -> crate::future::VisibleFuture {
+        crate::future::VisibleFuture::new(Arc::clone(&self.log), offset)
+    }
+
     /// What recovery found and did when this queue was opened.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.report
@@ -853,6 +885,7 @@ impl Queue {
             bytes_on_disk: self.log.total_bytes(),
             consumer_journal_damaged: self.core.journal.damaged(),
             sync_histogram: f.sync_histogram,
+            sync_micros_total: f.sync_micros_total,
         }
     }
 

@@ -503,3 +503,31 @@ fn seek_by_timestamp_in_a_damaged_sealed_segment_is_corrupt_not_a_wrong_answer()
         "no time index written from a damaged segment"
     );
 }
+
+#[cfg(feature = "async")]
+#[test]
+fn many_tasks_waiting_for_offsets_are_all_woken() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(Queue::builder(dir.path()).durability(Durability::Os).open().unwrap());
+    rt.block_on(async {
+        let waiters: Vec<_> = (0..200u64)
+            .map(|i| {
+                let q = Arc::clone(&queue);
+                tokio::spawn(async move { q.wait_visible_async(i).await })
+            })
+            .collect();
+        let q = Arc::clone(&queue);
+        let producer = std::thread::spawn(move || {
+            for _ in 0..200 {
+                q.append(b"x").unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        for (i, w) in waiters.into_iter().enumerate() {
+            let visible = tokio::time::timeout(Duration::from_secs(10), w).await.expect("woken").unwrap();
+            assert!(visible > i as u64);
+        }
+        producer.join().unwrap();
+    });
+}

@@ -25,9 +25,6 @@ use crate::json::{self, InBytes, InHeaders};
 use crate::registry::{Entry, blocking};
 use crate::server::App;
 
-/// How often a waiting read looks again when no produce woke it (records
-/// appended with `os` or `interval` become visible without one).
-const READ_RECHECK: Duration = Duration::from_millis(50);
 /// How long one blocking group fetch waits before it checks for shutdown.
 const FETCH_SLICE: Duration = Duration::from_millis(100);
 /// Most records in one batch request.
@@ -283,7 +280,6 @@ async fn produce(
     // requests share one fdatasync).
     let pending = e.queue.append_batch_async_with(std::slice::from_ref(&record), durability);
     let range = pending.await?;
-    e.appended.notify_waiters();
     ok(
         StatusCode::OK,
         json!({"offset": range.start, "timestamp_ms": timestamp_ms, "durability": DurabilitySpec(durability)}),
@@ -383,7 +379,6 @@ async fn produce_batch(
         let pending = e.queue.append_batch_async_with(&good, durability);
         drop(good);
         next = Some(pending.await?.start);
-        e.appended.notify_waiters();
     }
     let mut appended = 0u64;
     let out: Vec<Value> = results
@@ -456,11 +451,10 @@ fn read_some(
 }
 
 /// Reads from `from`, waiting up to `limits.wait` for a first record: woken
-/// by produces through this server, and rechecking every `READ_RECHECK`;
-/// returns early (empty) when the server starts shutting down.
+/// by the library when a record at `from` becomes visible; returns early
+/// (empty) when the server starts shutting down.
 async fn read_waiting(
     app: &App,
-    e: &Arc<Entry>,
     queue: Arc<Queue>,
     from: u64,
     limits: &ReadLimits,
@@ -469,9 +463,6 @@ async fn read_waiting(
     let mut permit = None;
     let mut shutdown = app.shutdown.subscribe();
     loop {
-        let woken = e.appended.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
         let (q, max, max_bytes) = (Arc::clone(&queue), limits.max, limits.max_bytes);
         let got = blocking(move || read_some(&q, from, max, max_bytes).map_err(ApiError::from)).await?;
         let now = Instant::now();
@@ -481,9 +472,11 @@ async fn read_waiting(
         if permit.is_none() {
             permit = Some(app.long_poll_permit()?);
         }
+        // Woken exactly when a record at `from` becomes visible (by any
+        // append: through this server or not, `sync`, `os` or `interval`).
         tokio::select! {
-            _ = woken => {}
-            _ = tokio::time::sleep((deadline - now).min(READ_RECHECK)) => {}
+            _ = queue.wait_visible_async(from) => {}
+            _ = tokio::time::sleep(deadline - now) => {}
             _ = shutdown.wait_for(|s| *s) => {}
         }
     }
@@ -501,7 +494,7 @@ async fn read(
     }
     let limits = ReadLimits::new(&app, &q);
     let from = q.offset.unwrap_or_else(|| e.queue.first_offset());
-    let (records, next) = read_waiting(&app, &e, Arc::clone(&e.queue), from, &limits).await?;
+    let (records, next) = read_waiting(&app, Arc::clone(&e.queue), from, &limits).await?;
     let records: Vec<Value> = records.iter().map(json::record).collect();
     ok(StatusCode::OK, json!({"records": records, "next_offset": next}))
 }
@@ -598,7 +591,7 @@ async fn consumer_read(
     // client that reads ahead of its commits passes the last next_offset).
     // Records retention removed before the consumer read them are skipped.
     let from = q.offset.unwrap_or(c.position).max(e.queue.first_offset());
-    let (records, next) = read_waiting(&app, &e, Arc::clone(&e.queue), from, &limits).await?;
+    let (records, next) = read_waiting(&app, Arc::clone(&e.queue), from, &limits).await?;
     let records: Vec<Value> = records.iter().map(json::record).collect();
     ok(StatusCode::OK, json!({"records": records, "next_offset": next, "committed": c.position}))
 }

@@ -136,7 +136,7 @@ pub(crate) fn render(
         o,
         "walq_flush_duration_seconds",
         "histogram",
-        "Latency of flush rounds (writes and fdatasync) since open. No _sum: walq counts rounds per bucket only.",
+        "Latency of flush rounds (writes and fdatasync) since open.",
     );
     for (q, s) in &stats {
         // One bucket per bound plus the last, above every bound: that one is `+Inf`.
@@ -150,6 +150,8 @@ pub(crate) fn render(
             let _ =
                 writeln!(o, "walq_flush_duration_seconds_bucket{{queue=\"{q}\",le=\"{le}\"}} {cumulative}");
         }
+        let sum = s.sync_micros_total as f64 / 1e6;
+        let _ = writeln!(o, "walq_flush_duration_seconds_sum{{queue=\"{q}\"}} {sum}");
         let _ = writeln!(o, "walq_flush_duration_seconds_count{{queue=\"{q}\"}} {cumulative}");
     }
 

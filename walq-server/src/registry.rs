@@ -64,8 +64,6 @@ pub(crate) struct Entry {
     pub groups: Mutex<HashMap<String, (Group, GroupOptions)>>,
     /// Serializes consumer creation, commits and deletes of this queue.
     pub consumers: tokio::sync::Mutex<()>,
-    /// Woken when a produce through the server completes (long-polls wait on it).
-    pub appended: tokio::sync::Notify,
 }
 
 impl Entry {
@@ -202,7 +200,6 @@ impl Registry {
             saved: Mutex::new(saved),
             groups: Mutex::new(HashMap::new()),
             consumers: tokio::sync::Mutex::new(()),
-            appended: tokio::sync::Notify::new(),
         }))
     }
 
