@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
@@ -261,9 +261,14 @@ impl Server {
 
         let mut shutdown = app.shutdown.subscribe();
         let mut graceful = app.shutdown.subscribe();
+        // The listener keeps accepting for a short while after the drain
+        // starts, so that clients get an answer (503 to produces and fetches;
+        // acks, nacks and reads still served) instead of a reset connection.
+        let linger = drain_linger(app.config.shutdown_grace());
         let data_server =
             axum::serve(data, crate::api::router(Arc::clone(&app))).with_graceful_shutdown(async move {
                 let _ = graceful.wait_for(|s| *s).await;
+                tokio::time::sleep(linger).await;
             });
         let mut data_task = tokio::spawn(async move { data_server.await });
         let finished = tokio::select! {
@@ -302,6 +307,12 @@ impl Server {
             Err(e) => Err(ServeError::Close(e.to_string())),
         }
     }
+}
+
+/// How long the data listener keeps accepting once a drain starts: a quarter
+/// of the grace period, at most two seconds.
+fn drain_linger(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(2))
 }
 
 async fn stop_after_failure(
