@@ -107,6 +107,9 @@ pub(crate) struct Registry {
     queues: RwLock<HashMap<String, Arc<Entry>>>,
     /// Serializes queue creation (opening is blocking and must happen once per name).
     creating: tokio::sync::Mutex<()>,
+    /// Set by `close_all`: no queue is opened (or reopened) after it, so a
+    /// request cut off by the end of the grace period cannot append.
+    closed: std::sync::atomic::AtomicBool,
     _lock: std::fs::File,
 }
 
@@ -140,6 +143,7 @@ impl Registry {
             max_queues,
             queues: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -211,7 +215,17 @@ impl Registry {
     /// The open queue `name`, or 404 `queue_not_found` (400 for a bad name).
     pub(crate) fn existing(&self, name: &str) -> Result<Arc<Entry>, ApiError> {
         check_queue_name(name)?;
+        self.refuse_if_closed()?;
         self.get(name).ok_or_else(|| ApiError::queue_not_found(name))
+    }
+
+    /// 503 `shutting_down` once the queues were closed.
+    fn refuse_if_closed(&self) -> Result<(), ApiError> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            Err(ApiError::shutting_down())
+        } else {
+            Ok(())
+        }
     }
 
     /// The queue `name`, created (with `options`, or the defaults) if it does
@@ -222,10 +236,12 @@ impl Registry {
         options: Option<QueueOptions>,
     ) -> Result<(Arc<Entry>, bool), ApiError> {
         check_queue_name(name)?;
+        self.refuse_if_closed()?;
         if let Some(e) = self.get(name) {
             return Ok((e, false));
         }
         let _creating = self.creating.lock().await;
+        self.refuse_if_closed()?;
         if let Some(e) = self.get(name) {
             return Ok((e, false));
         }
@@ -267,6 +283,11 @@ impl Registry {
     /// still referenced by a request that outlived the drain is flushed and
     /// released when that request ends. Blocking. Returns the first error.
     pub(crate) fn close_all(&self) -> Result<(), String> {
+        // Under the creation lock: a creation under way finishes first, and
+        // none starts after this (it checks `closed` under the same lock).
+        let creating = self.creating.blocking_lock();
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        drop(creating);
         let entries: Vec<Arc<Entry>> =
             self.queues.write().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, e)| e).collect();
         let mut first_error = None;

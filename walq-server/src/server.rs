@@ -92,7 +92,13 @@ pub(crate) async fn track(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_string();
+    // A fixed set of label values: a client inventing methods must not
+    // grow the metrics without bound.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "PATCH" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_string();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
     let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
     let response = if listener == "data" && header_bytes > app.config.max_header_bytes {

@@ -173,7 +173,6 @@ async fn review_abandoned_long_poll_fetch_does_not_take_records() -> TestResult 
 /// `/metrics` labels by the raw request method: each new method a client
 /// invents is a new series kept forever (the admin port listens on 0.0.0.0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_metrics_series_are_bounded_whatever_the_method() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |_| {}).await;
@@ -261,7 +260,6 @@ async fn review_groups_a_client_creates_are_bounded() -> TestResult {
 /// whose body completes afterwards is answered 200 on a queue re-opened after
 /// the final close (and left open, its directory lock held).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_nothing_is_acknowledged_after_run_returned() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |c| c.shutdown_grace_ms = 400).await;
