@@ -428,7 +428,14 @@ impl ReadLimits {
     }
 }
 
-/// Up to `max` records from `from` (values summing to at most `max_bytes`,
+/// The bytes a record takes in a response's budget: key, headers and value.
+fn record_bytes(r: &OwnedRecord) -> usize {
+    r.key.as_ref().map_or(0, Vec::len)
+        + r.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        + r.value.len()
+}
+
+/// Up to `max` records from `from` (records summing to at most `max_bytes`,
 /// but always one if there is one); the offset to read next. Blocking.
 fn read_some(
     queue: &Queue,
@@ -440,10 +447,11 @@ fn read_some(
     let (mut out, mut bytes) = (Vec::new(), 0usize);
     while out.len() < max {
         let Some(r) = reader.next()? else { break };
-        if !out.is_empty() && bytes + r.value().len() > max_bytes {
+        let size = record_bytes(&r.to_owned_record());
+        if !out.is_empty() && bytes + size > max_bytes {
             break;
         }
-        bytes += r.value().len();
+        bytes += size;
         out.push(r.to_owned_record());
     }
     let next = out.last().map_or(from, |r| r.offset + 1);
@@ -705,6 +713,51 @@ struct FetchQuery {
     wait_ms: Option<u64>,
 }
 
+/// Sets its flag when dropped (a handler future dropped: the client left).
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Fetches up to `max` deliveries whose records sum to at most `budget`
+/// bytes (always one, if there is one), waiting up to `first_wait` for the
+/// first. One record at a time, so that nothing beyond the budget is taken
+/// (a taken record's delivery count has already risen). If `cancelled` is
+/// set meanwhile, what was taken is handed back (nacked, no delay) and
+/// nothing is returned. Blocking.
+fn fetch_bounded(
+    group: &walq::Group,
+    max: usize,
+    budget: usize,
+    first_wait: Duration,
+    cancelled: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<walq::Delivery>, ApiError> {
+    let mut worker = group.worker_with_prefetch(max);
+    let mut out: Vec<walq::Delivery> = Vec::new();
+    let mut bytes = 0usize;
+    while out.len() < max && bytes < budget {
+        let wait = if out.is_empty() { first_wait } else { Duration::ZERO };
+        let Some(d) = worker.fetch(1, wait).map_err(ApiError::from)?.pop() else { break };
+        let size = record_bytes(d.record());
+        if !out.is_empty() && bytes + size > budget {
+            // Over the budget: give it back at once for the next fetch.
+            let _ = worker.nack(d.id(), Duration::ZERO);
+            break;
+        }
+        bytes += size;
+        out.push(d);
+    }
+    if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+        for d in out.drain(..) {
+            let _ = worker.nack(d.id(), Duration::ZERO);
+        }
+    }
+    Ok(out)
+}
+
 fn delivery_json(d: &walq::Delivery) -> Value {
     let mut v = json::record(d.record());
     v["id"] = json!(d.id().to_token());
@@ -727,20 +780,26 @@ async fn fetch(
     // nacked, termed, or its ack wait runs out, whoever fetched it.
     let max = q.max.unwrap_or(1).clamp(1, app.config.max_records_per_read.min(opts.prefetch()));
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(app.config.long_poll_max());
+    let budget = app.config.max_read_bytes;
+    // Set when this handler is dropped (the client went away): the blocking
+    // fetch stops within a slice and hands back what it took.
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancelled));
     let g = group.clone();
-    let mut deliveries =
-        blocking(move || g.worker_with_prefetch(max).fetch(max, Duration::ZERO).map_err(ApiError::from))
-            .await?;
+    let c = Arc::clone(&cancelled);
+    let mut deliveries = blocking(move || fetch_bounded(&g, max, budget, Duration::ZERO, &c)).await?;
     if deliveries.is_empty() && !wait.is_zero() && !app.is_draining() {
         let _permit = app.long_poll_permit()?;
         let draining = app.draining_flag();
+        let c = Arc::clone(&cancelled);
         deliveries = blocking(move || {
-            let mut worker = group.worker_with_prefetch(max);
             let deadline = Instant::now() + wait;
             loop {
                 let slice = deadline.saturating_duration_since(Instant::now()).min(FETCH_SLICE);
-                let got = worker.fetch(max, slice)?;
-                let stop = draining.load(std::sync::atomic::Ordering::Acquire) || Instant::now() >= deadline;
+                let got = fetch_bounded(&group, max, budget, slice, &c)?;
+                let stop = draining.load(std::sync::atomic::Ordering::Acquire)
+                    || c.load(std::sync::atomic::Ordering::Acquire)
+                    || Instant::now() >= deadline;
                 if !got.is_empty() || stop || slice.is_zero() {
                     return Ok(got);
                 }

@@ -141,7 +141,6 @@ async fn review_stale_ack_does_not_settle_someone_elses_redelivery() -> TestResu
 /// task and takes the next record: nobody gets it until the ack wait runs
 /// out, and its delivery_count grows (towards max_deliver).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_abandoned_long_poll_fetch_does_not_take_records() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |_| {}).await;
@@ -191,7 +190,6 @@ async fn review_metrics_series_are_bounded_whatever_the_method() -> TestResult {
 /// max_read_bytes is the server's bound on what one read returns. Keys and
 /// headers are not counted: a read returns max_records_per_read * max_record_bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_read_bytes_bound_counts_the_whole_record() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |c| c.max_read_bytes = 1000).await;
@@ -330,7 +328,6 @@ async fn review_bad_consumer_name_is_400_everywhere() -> TestResult {
 /// slot while its blocking fetch keeps a blocking-pool thread for up to wait_ms:
 /// connect, ask, hang up, repeat, and the pool (512 threads) fills up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_abandoned_fetches_stay_within_max_long_polls() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |c| c.max_long_polls = 2).await;
@@ -356,7 +353,6 @@ async fn review_abandoned_fetches_stay_within_max_long_polls() -> TestResult {
 /// large records builds a response of hundreds of MiB (hex doubles binary
 /// values), past the 512 MiB limit of deploy/kubernetes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_fetch_is_bounded_by_max_read_bytes() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |c| c.max_read_bytes = 100_000).await;
