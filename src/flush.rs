@@ -45,6 +45,10 @@ pub const SYNC_HISTOGRAM_BOUNDS_MICROS: [u32; 12] =
 pub(crate) const SYNC_HISTOGRAM_BUCKETS: usize = SYNC_HISTOGRAM_BOUNDS_MICROS.len() + 1;
 const _: () = assert!(SYNC_HISTOGRAM_BUCKETS == 13, "Stats::sync_histogram has 13 buckets");
 
+/// Async `Os`/`Interval` appends write inline (backpressure) only once this
+/// many write buffers are pending; below, the background thread writes.
+const ASYNC_INLINE_WRITE_FACTOR: usize = 8;
+
 /// Sync latencies kept for the percentiles in [`crate::Stats`].
 const SYNC_LATENCIES_KEPT: usize = 1024;
 
@@ -325,7 +329,34 @@ impl<W: FlushIo> Flush<W> {
         durability: Durability,
     ) -> Result<(Range<u64>, Option<Arc<Waiter>>)> {
         if durability != Durability::Sync {
-            return Ok((self.append(records, durability)?, None));
+            // An async caller's thread is a runtime's: it does not write
+            // here; the background thread does, when due (or at once when the
+            // buffer is full). Only far past the buffer (producers outrunning
+            // the disk) does it write inline, as backpressure.
+            let mut st = self.lock();
+            if st.pending_bytes >= ASYNC_INLINE_WRITE_FACTOR * self.cfg.write_buffer_bytes && !st.flushing {
+                drop(st);
+                return Ok((self.append(records, durability)?, None));
+            }
+            let range = self.push(&mut st, records)?;
+            let now = Instant::now();
+            match durability {
+                Durability::Interval(d) => {
+                    let due = now + d;
+                    st.sync_due = Some(st.sync_due.map_or(due, |t| t.min(due)));
+                }
+                _ => {
+                    if st.write_due.is_none() {
+                        st.write_due = Some(now + OS_WRITE_DELAY);
+                    }
+                }
+            }
+            if st.pending_bytes >= self.cfg.write_buffer_bytes {
+                st.write_due = Some(now);
+            }
+            drop(st);
+            self.wake_background();
+            return Ok((range, None));
         }
         let mut st = self.lock();
         let range = self.push(&mut st, records)?;
