@@ -542,11 +542,26 @@ async fn list_consumers(State(app): State<Arc<App>>, p: Result<Path<String>, Pat
     ok(StatusCode::OK, json!({"consumers": consumers_json(&e.queue)}))
 }
 
+/// A consumer or group name the library would refuse: 400 `invalid_option`
+/// (the library's error for it), before any lookup answers 404.
+fn check_member_name(kind: &'static str, name: &str) -> Result<(), ApiError> {
+    if crate::registry::check_queue_name(name).is_ok() {
+        return Ok(());
+    }
+    Err(ApiError::from(walq::Error::InvalidOption {
+        name: kind,
+        reason: format!(
+            "{name:?}: a name is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '-', not starting with '.'"
+        ),
+    }))
+}
+
 async fn consumer_info(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let c = find_consumer(&e.queue, &name).ok_or_else(|| unknown_consumer(&name))?;
     ok(StatusCode::OK, json!({"name": c.name, "committed": c.position, "lag": c.lag}))
@@ -616,6 +631,7 @@ async fn commit(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let b = body(b)?;
     let req: CommitIn =
@@ -679,6 +695,7 @@ async fn group_info(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
     let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
     let info = match &open {

@@ -255,7 +255,6 @@ async fn review_too_many_headers_get_the_json_error() -> TestResult {
 
 /// README: consumer and group names outside the rule are `400 invalid_option`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_bad_consumer_name_is_400_everywhere() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |_| {}).await;
