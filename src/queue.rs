@@ -421,6 +421,9 @@ impl Queue {
         b.durability = Durability::Sync;
         b.retention = Retention::default();
         b.max_bytes = None;
+        // Dead letters are rare: no zero-filled room ahead (a group costs a
+        // few small files until its first dead letter, not a megabyte).
+        b.preallocate_bytes = 0;
         Queue::open_with(b)
     }
 

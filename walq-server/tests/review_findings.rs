@@ -184,7 +184,6 @@ fn du(p: &Path) -> u64 {
 /// each kept open forever with a dead-letter queue of its own (threads,
 /// file descriptors, preallocated segment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open review finding of issue 8: fails until fixed"]
 async fn review_groups_a_client_creates_are_bounded() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = start_with(dir.path(), |_| {}).await;
