@@ -291,11 +291,12 @@ impl Registry {
         let entries: Vec<Arc<Entry>> =
             self.queues.write().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, e)| e).collect();
         let mut first_error = None;
+        // A request that outlived the drain may hold an entry a moment longer:
+        // wait for such requests at most two seconds in all, not per queue.
+        let deadline = Instant::now() + Duration::from_secs(2);
         for entry in entries {
             let name = entry.name.clone();
             entry.groups.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            // A request that outlived the drain may hold the entry a moment longer.
-            let deadline = Instant::now() + Duration::from_secs(2);
             let mut entry = entry;
             let queue = loop {
                 match Arc::try_unwrap(entry) {
