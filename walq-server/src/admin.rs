@@ -36,12 +36,24 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = crate::metrics::render(
-        &app.registry,
-        &app.http,
-        app.is_ready(),
-        app.is_draining(),
-        app.long_polls_waiting(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    // Rendering reads every queue's consumers and groups, whose locks a
+    // commit may hold across an fdatasync: off the runtime threads, so that
+    // /livez stays answerable whatever the disk does.
+    let rendered = tokio::task::spawn_blocking(move || {
+        crate::metrics::render(
+            &app.registry,
+            &app.http,
+            app.is_ready(),
+            app.is_draining(),
+            app.long_polls_waiting(),
+        )
+    })
+    .await;
+    match rendered {
+        Ok(body) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+        }
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("rendering metrics failed: {e}\n"))
+            .into_response(),
+    }
 }
