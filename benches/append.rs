@@ -25,16 +25,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
+use common::{bench_dir, measured_calls, quantile};
 use walq::{Durability, Queue};
 
 const SIZES: [(&str, usize); 3] = [("100B", 100), ("1KiB", 1 << 10), ("64KiB", 64 << 10)];
-
-fn bench_dir(name: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("walq-bench-{name}-"))
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .expect("create a bench directory under the target dir")
-}
 
 /// A value of `size` bytes that is not all one byte.
 fn value(size: usize) -> Vec<u8> {
@@ -85,27 +81,6 @@ fn append_throughput(c: &mut Criterion) {
         }
         group.finish();
     }
-}
-
-/// How many of the last `iter_custom` calls criterion measured (the others
-/// were its warm-up), judging by the command line.
-fn measured_calls(sample_size: usize, calls: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    if has("--test") || has("--profile-time") {
-        calls
-    } else if has("--quick") {
-        // Quick mode keeps the last two runs (n and 2n iterations).
-        calls.min(2)
-    } else {
-        calls.min(sample_size)
-    }
-}
-
-/// The value at quantile `q` of sorted `v` (nearest rank).
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 fn append_sync_latency(c: &mut Criterion) {

@@ -17,32 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
+use common::{bench_dir, measured_calls, quantile};
 use walq::{Durability, Queue, Record, StartAt};
-
-fn bench_dir(name: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("walq-bench-{name}-"))
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .expect("create a bench directory under the target dir")
-}
-
-/// How many criterion calls' results to summarize (see benches/append.rs).
-fn measured_calls(sample_size: usize, calls: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    if has("--test") || has("--profile-time") {
-        calls
-    } else if has("--quick") {
-        calls.min(2)
-    } else {
-        calls.min(sample_size)
-    }
-}
-
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
 
 /// Appends `n` 100-byte records cheaply and syncs them.
 fn fill(queue: &Queue, n: u64) {

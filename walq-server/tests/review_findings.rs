@@ -4,79 +4,14 @@
 //! with its fix. The review itself: docs/review-server-findings.md.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use walq_server::{Config, Outcome, ServeError, Server, ServerHandle};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
 
-struct Running {
-    base: String,
-    admin: String,
-    handle: ServerHandle,
-    task: tokio::task::JoinHandle<Result<Outcome, ServeError>>,
-    http: reqwest::Client,
-}
-
-async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Running {
-    let mut config = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        shutdown_grace_ms: 10_000,
-        ..Config::default()
-    };
-    tweak(&mut config);
-    let server = Server::bind(config).await.expect("bind");
-    let base = format!("http://{}", server.local_addr());
-    let admin = format!("http://{}", server.admin_addr());
-    let handle = server.handle();
-    let task = tokio::spawn(server.run());
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server not ready in 10 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Running { base, admin, handle, task, http }
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-    async fn call(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let r = req.send().await.expect("request");
-        let status = r.status().as_u16();
-        let bytes = r.bytes().await.expect("body");
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        (status, v)
-    }
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.call(self.http.get(self.url(path))).await
-    }
-    async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call(self.http.post(self.url(path)).body(body.to_string())).await
-    }
-    async fn produce(&self, queue: &str, value: &str) -> u64 {
-        let (status, v) = self
-            .call(self.http.post(self.url(&format!("/v1/queues/{queue}/records"))).body(value.to_string()))
-            .await;
-        assert_eq!(status, 200, "{v}");
-        v["offset"].as_u64().unwrap()
-    }
-}
+use common::{TestResult, code, start_with};
 
 async fn raw(addr: &str, request: &[u8]) -> String {
     let mut c = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.expect("connect");
@@ -84,10 +19,6 @@ async fn raw(addr: &str, request: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = c.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-fn code(v: &Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or("(no error code)")
 }
 
 /// README: `409 delivery_not_pending` when "the delivery was already settled".
