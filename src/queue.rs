@@ -892,6 +892,22 @@ impl Queue {
         }
     }
 
+    /// Whether a failed write or sync poisoned the queue ([`Stats::poisoned`],
+    /// without computing the rest): appends then fail with [`Error::Poisoned`]
+    /// until the queue is reopened, which runs recovery and finds out what
+    /// really reached the disk. Cheap: for health checks.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = walq::Queue::open(dir.path())?;
+    /// queue.append(b"x")?;
+    /// assert!(!queue.is_poisoned());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_poisoned(&self) -> bool {
+        self.flush.is_poisoned()
+    }
+
     /// Syncs everything pending, stops the background flusher and releases
     /// the directory lock. Dropping the queue does the same but cannot report
     /// an error. On a poisoned queue this is [`Error::Poisoned`]: what was

@@ -69,6 +69,18 @@ pub struct ServeArgs {
     /// Most queues the server holds [1024].
     #[arg(long, env = "WALQ_MAX_QUEUES", value_name = "N")]
     max_queues: Option<usize>,
+    /// Most consumer groups per queue; more get 409 [100].
+    #[arg(long, env = "WALQ_MAX_GROUPS_PER_QUEUE", value_name = "N")]
+    max_groups_per_queue: Option<usize>,
+    /// Most named consumers per queue; more get 409 [1000].
+    #[arg(long, env = "WALQ_MAX_CONSUMERS_PER_QUEUE", value_name = "N")]
+    max_consumers_per_queue: Option<usize>,
+    /// Time to send a request's head, and the idle keep-alive timeout [30000].
+    #[arg(long, env = "WALQ_HEADER_READ_TIMEOUT_MS", value_name = "MS")]
+    header_read_timeout_ms: Option<u64>,
+    /// Time to send a request's whole body, from its head; then 408 [30000].
+    #[arg(long, env = "WALQ_BODY_READ_TIMEOUT_MS", value_name = "MS")]
+    body_read_timeout_ms: Option<u64>,
     /// Default durability of new queues: sync, os, interval, interval:MS [sync].
     #[arg(long, env = "WALQ_DURABILITY", value_name = "MODE")]
     durability: Option<DurabilitySpec>,
@@ -113,7 +125,11 @@ impl ServeArgs {
             max_records_per_read,
             max_read_bytes,
             shutdown_grace_ms,
-            max_queues
+            max_queues,
+            max_groups_per_queue,
+            max_consumers_per_queue,
+            header_read_timeout_ms,
+            body_read_timeout_ms
         );
         let q = &mut c.queue_defaults;
         if let Some(d) = self.durability {
@@ -134,7 +150,7 @@ impl ServeArgs {
 fn failure(e: ServeError) -> Failure {
     let code = match &e {
         ServeError::Config(_) => exit::USAGE,
-        ServeError::DataDir(m) if m.contains("in use") => exit::LOCKED,
+        ServeError::Locked(_) => exit::LOCKED,
         ServeError::Open { source, .. } => crate::walq_exit_code(source),
         _ => exit::IO,
     };
@@ -149,7 +165,7 @@ pub fn serve(args: &ServeArgs) -> CmdResult {
         .thread_name("walq-serve")
         .build()
         .map_err(|e| Failure::Exit(format!("starting the runtime: {e}"), exit::IO))?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let mut signals = Signals::new()
             .map_err(|e| Failure::Exit(format!("installing signal handlers: {e}"), exit::IO))?;
         let server = Server::bind(config).await.map_err(failure)?;
@@ -181,5 +197,9 @@ pub fn serve(args: &ServeArgs) -> CmdResult {
                 exit::PROBLEMS,
             ))
         }
-    })
+    });
+    // A blocking task a stalled disk holds (a sync of a request that was cut
+    // off) must not keep the process past its grace: stop waiting after 1 s.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }

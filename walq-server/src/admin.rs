@@ -1,6 +1,13 @@
-//! The admin listener: `/livez` (the process answers), `/readyz` (200 once
-//! recovery is done, 503 before and while draining) and `/metrics`
-//! (Prometheus text). Nothing here reads or changes a queue's data.
+//! The admin listener: `/livez` (the process answers and no queue is
+//! poisoned), `/readyz` (200 once recovery is done, 503 before, while
+//! draining and while a queue is poisoned) and `/metrics` (Prometheus text).
+//! Nothing here reads or changes a queue's data.
+//!
+//! A poisoned queue (a write or fdatasync failed, so walq no longer knows
+//! what reached the disk) refuses every produce until it is reopened, and
+//! reopening means recovery. `/livez` then answers 503 so that the kubelet
+//! restarts the container: the restart runs recovery, which finds out what
+//! is really on disk. A disk that keeps failing shows as a crash loop.
 
 use std::sync::Arc;
 
@@ -21,12 +28,28 @@ pub(crate) fn router(app: Arc<App>) -> axum::Router {
         .with_state(app)
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
+async fn livez(State(app): State<Arc<App>>) -> Response {
+    match poisoned(&app) {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(message) => (StatusCode::SERVICE_UNAVAILABLE, message).into_response(),
+    }
+}
+
+/// What to say when a queue is poisoned (`None` when none is).
+fn poisoned(app: &App) -> Option<String> {
+    let names = app.registry.poisoned();
+    (!names.is_empty()).then(|| {
+        format!(
+            "poisoned: {} (a write or sync failed; restart the server so that recovery checks the disk)\n",
+            names.join(", ")
+        )
+    })
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.is_ready() {
+    if let Some(message) = poisoned(&app) {
+        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+    } else if app.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else if app.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
@@ -55,5 +78,41 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
         Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("rendering metrics failed: {e}\n"))
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walq::{Fault, FaultKind, FaultOp, SimDisk};
+
+    #[tokio::test]
+    async fn a_poisoned_queue_fails_livez_and_readyz_so_that_a_restart_recovers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let server = crate::Server::bind(config).await.unwrap();
+        let app = server.ready_app_for_test();
+        let disk = SimDisk::new(7);
+        let queue = walq::Queue::builder("/sim/orders").simulated(&disk).open().unwrap();
+        queue.append(b"kept").unwrap();
+        app.registry.insert_for_test("orders", queue);
+        assert_eq!(livez(State(Arc::clone(&app))).await.status(), StatusCode::OK);
+        assert_eq!(readyz(State(Arc::clone(&app))).await.status(), StatusCode::OK);
+
+        disk.inject(Fault::new(FaultOp::Sync, FaultKind::Eio));
+        let entry = app.registry.get("orders").unwrap();
+        assert!(entry.queue.append(b"lost").is_err());
+        assert!(entry.queue.is_poisoned());
+        for response in [livez(State(Arc::clone(&app))).await, readyz(State(Arc::clone(&app))).await] {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("poisoned: orders") && text.contains("restart"), "{text}");
+        }
     }
 }

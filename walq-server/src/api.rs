@@ -106,10 +106,25 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
                 "body_too_large",
                 "the request body exceeds the server's max_body_bytes",
             )
+        } else if let Some(t) = body_timeout(&e) {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", t.to_string())
         } else {
             ApiError::bad_request(e.body_text())
         }
     })
+}
+
+/// The deadline error of [`crate::server::track`]'s body wrapper, if that
+/// is why the body could not be read.
+fn body_timeout(e: &BytesRejection) -> Option<&crate::server::BodyTimeout> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(t) = err.downcast_ref::<crate::server::BodyTimeout>() {
+            return Some(t);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// A JSON body, or the default when the body is empty.
@@ -160,15 +175,22 @@ fn queue_json(e: &Entry) -> Value {
 }
 
 async fn list_queues(State(app): State<Arc<App>>) -> ApiResult {
-    let queues: Vec<Value> = app.registry.list().iter().map(|e| queue_json(e)).collect();
+    // Stats read the journal's damage flag under its lock: off the runtime.
+    let registry = Arc::clone(&app.registry);
+    let queues: Vec<Value> =
+        blocking(move || Ok(registry.list().iter().map(|e| queue_json(e)).collect())).await?;
     ok(StatusCode::OK, json!({ "queues": queues }))
 }
 
 async fn queue_info(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    let mut v = queue_json(&e);
-    v["consumers"] = consumers_json(&e.queue);
-    v["groups"] = groups_json(&e);
+    let v = blocking(move || {
+        let mut v = queue_json(&e);
+        v["consumers"] = consumers_json(&e.queue);
+        v["groups"] = groups_json(&e);
+        Ok(v)
+    })
+    .await?;
     ok(StatusCode::OK, v)
 }
 
@@ -509,17 +531,23 @@ async fn read(
 
 // ---- named consumers ----
 
+// `Queue::consumers()` and `groups()` read the journal's image under the
+// journal's lock, which a commit holds across an fdatasync: they run on the
+// blocking pool, so that a slow disk never stalls the runtime (and /livez).
+
 fn consumers_json(queue: &Queue) -> Value {
-    let v: Vec<Value> = queue
-        .consumers()
-        .iter()
-        .map(|c| json!({"name": c.name, "committed": c.position, "lag": c.lag}))
-        .collect();
-    Value::Array(v)
+    Value::Array(
+        queue
+            .consumers()
+            .iter()
+            .map(|c| json!({"name": c.name, "committed": c.position, "lag": c.lag}))
+            .collect(),
+    )
 }
 
-fn find_consumer(queue: &Queue, name: &str) -> Option<walq::ConsumerInfo> {
-    queue.consumers().into_iter().find(|c| c.name == name)
+async fn find_consumer(queue: &Arc<Queue>, name: &str) -> Result<Option<walq::ConsumerInfo>, ApiError> {
+    let (queue, name) = (Arc::clone(queue), name.to_string());
+    blocking(move || Ok(queue.consumers().into_iter().find(|c| c.name == name))).await
 }
 
 fn unknown_consumer(name: &str) -> ApiError {
@@ -529,17 +557,22 @@ fn unknown_consumer(name: &str) -> ApiError {
 /// Creates the consumer at `start` if it does not exist; true if created.
 async fn ensure_consumer(e: &Arc<Entry>, name: &str, start: StartSpec) -> Result<bool, ApiError> {
     let _serial = e.consumers.lock().await;
-    if find_consumer(&e.queue, name).is_some() {
+    if find_consumer(&e.queue, name).await?.is_some() {
         return Ok(false);
     }
-    let (q, n) = (Arc::clone(&e.queue), name.to_string());
-    blocking(move || q.reset_consumer(&n, start.0).map_err(ApiError::from)).await?;
+    let (e, n) = (Arc::clone(e), name.to_string());
+    blocking(move || {
+        e.check_consumer_room(&n)?;
+        e.queue.reset_consumer(&n, start.0).map_err(ApiError::from)
+    })
+    .await?;
     Ok(true)
 }
 
 async fn list_consumers(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    ok(StatusCode::OK, json!({"consumers": consumers_json(&e.queue)}))
+    let consumers = blocking(move || Ok(consumers_json(&e.queue))).await?;
+    ok(StatusCode::OK, json!({"consumers": consumers}))
 }
 
 /// A consumer or group name the library would refuse: 400 `invalid_option`
@@ -563,7 +596,7 @@ async fn consumer_info(
     let (queue, name) = path(p)?;
     check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
-    let c = find_consumer(&e.queue, &name).ok_or_else(|| unknown_consumer(&name))?;
+    let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
     ok(StatusCode::OK, json!({"name": c.name, "committed": c.position, "lag": c.lag}))
 }
 
@@ -582,7 +615,7 @@ async fn create_consumer(
     let e = app.registry.existing(&queue)?;
     let req: CreateConsumer = json_body(&body(b)?)?;
     let created = ensure_consumer(&e, &name, req.start.unwrap_or(StartSpec(walq::StartAt::Earliest))).await?;
-    let c = find_consumer(&e.queue, &name).ok_or_else(|| unknown_consumer(&name))?;
+    let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     ok(status, json!({"name": c.name, "committed": c.position, "lag": c.lag, "created": created}))
 }
@@ -609,7 +642,7 @@ async fn consumer_read(
     let q = query(q)?;
     let limits = ReadLimits::new(&app, &q);
     ensure_consumer(&e, &name, q.start.unwrap_or(StartSpec(walq::StartAt::Earliest))).await?;
-    let c = find_consumer(&e.queue, &name).ok_or_else(|| unknown_consumer(&name))?;
+    let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
     // From the committed position unless the client says where it is (a
     // client that reads ahead of its commits passes the last next_offset).
     // Records retention removed before the consumer read them are skipped.
@@ -637,13 +670,13 @@ async fn commit(
     let req: CommitIn =
         serde_json::from_slice(&b).map_err(|err| ApiError::bad_request(format!("the JSON body: {err}")))?;
     let _serial = e.consumers.lock().await;
-    if find_consumer(&e.queue, &name).is_none() {
+    if find_consumer(&e.queue, &name).await?.is_none() {
         return Err(unknown_consumer(&name));
     }
     // Saves the position durably (fdatasync'd before the answer).
     let (q, n) = (Arc::clone(&e.queue), name.clone());
     blocking(move || q.reset_consumer(&n, walq::StartAt::Offset(req.offset)).map_err(ApiError::from)).await?;
-    let c = find_consumer(&e.queue, &name).ok_or_else(|| unknown_consumer(&name))?;
+    let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
     ok(StatusCode::OK, json!({"name": c.name, "committed": c.position, "lag": c.lag}))
 }
 
@@ -669,6 +702,7 @@ fn group_json(info: &walq::GroupInfo, open: Option<&(walq::Group, GroupOptions)>
     v
 }
 
+/// Every group of the queue (blocking: the journal's and the groups' locks).
 fn groups_json(e: &Entry) -> Value {
     let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Value::Array(e.queue.groups().iter().map(|g| group_json(g, open.get(&g.name))).collect())
@@ -676,7 +710,8 @@ fn groups_json(e: &Entry) -> Value {
 
 async fn list_groups(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    ok(StatusCode::OK, json!({"groups": groups_json(&e)}))
+    let groups = blocking(move || Ok(groups_json(&e))).await?;
+    ok(StatusCode::OK, json!({"groups": groups}))
 }
 
 /// The group, opened in a blocking task (creating it only if `create`).
@@ -697,14 +732,19 @@ async fn group_info(
     let (queue, name) = path(p)?;
     check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
-    let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
-    let info = match &open {
-        Some((g, _)) => g.info(),
-        None => e.queue.groups().into_iter().find(|g| g.name == name).ok_or_else(|| {
-            ApiError::from(walq::Error::UnknownConsumer { kind: "group", name: name.clone() })
-        })?,
-    };
-    ok(StatusCode::OK, group_json(&info, open.as_ref()))
+    // The group's lock may be held across a dead-letter append: off the runtime.
+    let v = blocking(move || {
+        let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+        let info = match &open {
+            Some((g, _)) => g.info(),
+            None => e.queue.groups().into_iter().find(|g| g.name == name).ok_or_else(|| {
+                ApiError::from(walq::Error::UnknownConsumer { kind: "group", name: name.clone() })
+            })?,
+        };
+        Ok(group_json(&info, open.as_ref()))
+    })
+    .await?;
+    ok(StatusCode::OK, v)
 }
 
 async fn create_group(

@@ -29,6 +29,15 @@ pub const READ_BYTES_DEFAULT: usize = 4 << 20;
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 25_000;
 /// Default most queues one server holds open.
 pub const QUEUES_DEFAULT: usize = 1024;
+/// Default most consumer groups one queue may have.
+pub const GROUPS_PER_QUEUE_DEFAULT: usize = 100;
+/// Default most named consumers one queue may have.
+pub const CONSUMERS_PER_QUEUE_DEFAULT: usize = 1000;
+/// Default time a client has to send a request's head (also how long an idle
+/// keep-alive connection stays open).
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default time a client has to send a request's whole body, from its head.
+pub const BODY_READ_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// The interval of `interval` without a number.
 pub const INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
 
@@ -66,6 +75,16 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Most queues the server holds; creating another is 409 `queue_limit`.
     pub max_queues: usize,
+    /// Most consumer groups per queue; creating another is 409 `group_limit`.
+    pub max_groups_per_queue: usize,
+    /// Most named consumers per queue; creating another is 409 `consumer_limit`.
+    pub max_consumers_per_queue: usize,
+    /// How long a client may take to send a request's head, and how long an
+    /// idle keep-alive connection stays open; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's whole body, counted
+    /// from its head; then the request fails with 408 `body_timeout`.
+    pub body_read_timeout_ms: u64,
     /// Options of queues created without options of their own.
     pub queue_defaults: QueueOptions,
 }
@@ -84,6 +103,10 @@ impl Default for Config {
             max_read_bytes: READ_BYTES_DEFAULT,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS_DEFAULT,
             max_queues: QUEUES_DEFAULT,
+            max_groups_per_queue: GROUPS_PER_QUEUE_DEFAULT,
+            max_consumers_per_queue: CONSUMERS_PER_QUEUE_DEFAULT,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
+            body_read_timeout_ms: BODY_READ_TIMEOUT_MS_DEFAULT,
             queue_defaults: QueueOptions::default(),
         }
     }
@@ -110,6 +133,10 @@ impl Config {
             ("max_records_per_read", self.max_records_per_read as u64),
             ("max_read_bytes", self.max_read_bytes as u64),
             ("max_queues", self.max_queues as u64),
+            ("max_groups_per_queue", self.max_groups_per_queue as u64),
+            ("max_consumers_per_queue", self.max_consumers_per_queue as u64),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -118,6 +145,14 @@ impl Config {
         }
         if self.long_poll_max_ms > 600_000 {
             return Err("long_poll_max_ms must be at most 600000 (10 minutes)".into());
+        }
+        for (name, v) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+        ] {
+            if v > 3_600_000 {
+                return Err(format!("{name} must be at most 3600000 (an hour)"));
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
@@ -128,6 +163,16 @@ impl Config {
     /// The long-poll bound as a duration.
     pub fn long_poll_max(&self) -> Duration {
         Duration::from_millis(self.long_poll_max_ms)
+    }
+
+    /// The header read timeout as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// The body read timeout as a duration.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
     }
 
     /// The shutdown grace period as a duration.

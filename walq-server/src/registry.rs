@@ -64,6 +64,15 @@ pub(crate) struct Entry {
     pub groups: Mutex<HashMap<String, (Group, GroupOptions)>>,
     /// Serializes consumer creation, commits and deletes of this queue.
     pub consumers: tokio::sync::Mutex<()>,
+    limits: Limits,
+}
+
+/// How many queues, and groups and consumers per queue, clients may create.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub queues: usize,
+    pub groups_per_queue: usize,
+    pub consumers_per_queue: usize,
 }
 
 impl Entry {
@@ -81,9 +90,20 @@ impl Entry {
         if let Some((g, o)) = groups.get(name) {
             return Ok((g.clone(), o.clone(), false));
         }
-        let exists = self.queue.groups().iter().any(|g| g.name == name);
+        let existing = self.queue.groups();
+        let exists = existing.iter().any(|g| g.name == name);
         if !exists && !create {
             return Err(walq::Error::UnknownConsumer { kind: "group", name: name.to_string() }.into());
+        }
+        if !exists && existing.len() >= self.limits.groups_per_queue {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "group_limit",
+                format!(
+                    "queue {:?} has its maximum of {} consumer groups (max_groups_per_queue); delete one or raise the limit",
+                    self.name, self.limits.groups_per_queue
+                ),
+            ));
         }
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).groups.get(name).cloned();
         let opts = options.clone().or(saved).unwrap_or_default();
@@ -96,6 +116,25 @@ impl Entry {
         groups.insert(name.to_string(), (group.clone(), opts.clone()));
         Ok((group, opts, !exists))
     }
+
+    /// 409 `consumer_limit` when creating consumer `name` would pass
+    /// `max_consumers_per_queue` (an existing name is always fine). Blocking
+    /// (reads the journal's image): call from `spawn_blocking`.
+    pub(crate) fn check_consumer_room(&self, name: &str) -> Result<(), ApiError> {
+        let consumers = self.queue.consumers();
+        if consumers.len() < self.limits.consumers_per_queue || consumers.iter().any(|c| c.name == name) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "consumer_limit",
+                format!(
+                    "queue {:?} has its maximum of {} named consumers (max_consumers_per_queue); delete one or raise the limit",
+                    self.name, self.limits.consumers_per_queue
+                ),
+            ))
+        }
+    }
 }
 
 /// The named queues of one data directory.
@@ -103,7 +142,7 @@ impl Entry {
 pub(crate) struct Registry {
     dir: PathBuf,
     defaults: QueueOptions,
-    max_queues: usize,
+    limits: Limits,
     queues: RwLock<HashMap<String, Arc<Entry>>>,
     /// Serializes queue creation (opening is blocking and must happen once per name).
     creating: tokio::sync::Mutex<()>,
@@ -115,32 +154,32 @@ pub(crate) struct Registry {
 
 impl Registry {
     /// Takes the data directory (creating it) and its lock; opens nothing yet.
-    pub(crate) fn new(dir: &Path, defaults: QueueOptions, max_queues: usize) -> Result<Registry, String> {
+    pub(crate) fn new(dir: &Path, defaults: QueueOptions, limits: Limits) -> Result<Registry, ServeError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| format!("creating data directory {}: {e}", dir.display()))?;
+            .map_err(|e| ServeError::DataDir(format!("creating data directory {}: {e}", dir.display())))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
+            .map_err(|e| ServeError::DataDir(format!("opening {}: {e}", lock_path.display())))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(format!(
+                return Err(ServeError::Locked(format!(
                     "data directory {} is in use by another walq serve (it holds {LOCK_FILE})",
                     dir.display()
-                ));
+                )));
             }
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("locking {}: {e}", lock_path.display()));
+                return Err(ServeError::DataDir(format!("locking {}: {e}", lock_path.display())));
             }
         }
         Ok(Registry {
             dir: dir.to_path_buf(),
             defaults,
-            max_queues,
+            limits,
             queues: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -204,6 +243,7 @@ impl Registry {
             saved: Mutex::new(saved),
             groups: Mutex::new(HashMap::new()),
             consumers: tokio::sync::Mutex::new(()),
+            limits: self.limits,
         }))
     }
 
@@ -245,11 +285,11 @@ impl Registry {
         if let Some(e) = self.get(name) {
             return Ok((e, false));
         }
-        if self.queues.read().unwrap_or_else(|e| e.into_inner()).len() >= self.max_queues {
+        if self.queues.read().unwrap_or_else(|e| e.into_inner()).len() >= self.limits.queues {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "queue_limit",
-                format!("the server holds its maximum of {} queues (max_queues)", self.max_queues),
+                format!("the server holds its maximum of {} queues (max_queues)", self.limits.queues),
             ));
         }
         let (this, n) = (Arc::clone(self), name.to_string());
@@ -264,6 +304,11 @@ impl Registry {
         let mut v: Vec<_> = self.queues.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// The names of the queues a failed write or sync poisoned.
+    pub(crate) fn poisoned(&self) -> Vec<String> {
+        self.list().into_iter().filter(|e| e.queue.is_poisoned()).map(|e| e.name.clone()).collect()
     }
 
     /// Syncs every queue's pending records now (blocking).
@@ -291,9 +336,10 @@ impl Registry {
         let entries: Vec<Arc<Entry>> =
             self.queues.write().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, e)| e).collect();
         let mut first_error = None;
-        // A request that outlived the drain may hold an entry a moment longer:
-        // wait for such requests at most two seconds in all, not per queue.
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // A blocking task of a request that was cut off (a fetch slice, a
+        // sync) may hold an entry a moment longer: wait for such tasks at most
+        // one second in all, not per queue.
+        let deadline = Instant::now() + Duration::from_secs(1);
         for entry in entries {
             let name = entry.name.clone();
             entry.groups.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -369,6 +415,23 @@ fn save(dir: &Path, saved: &Saved) -> Result<(), walq::Error> {
     std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))?;
     Ok(())
+}
+
+#[cfg(test)]
+impl Registry {
+    /// Puts an already open queue (a simulated one, say) under `name`.
+    pub(crate) fn insert_for_test(&self, name: &str, queue: Queue) {
+        let entry = Entry {
+            name: name.to_string(),
+            dir: self.dir.join(name),
+            queue: Arc::new(queue),
+            saved: Mutex::new(Saved::default()),
+            groups: Mutex::new(HashMap::new()),
+            consumers: tokio::sync::Mutex::new(()),
+            limits: self.limits,
+        };
+        self.queues.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), Arc::new(entry));
+    }
 }
 
 #[cfg(test)]

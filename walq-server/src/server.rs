@@ -6,16 +6,27 @@
 //! queue is closed only after the data plane stopped answering, so no
 //! record is acknowledged after its queue's final sync.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -85,7 +96,9 @@ impl App {
 }
 
 /// Counts every request for `/metrics` (by matched route, never the raw
-/// path) and, on the data plane, refuses oversized headers (431).
+/// path) and, on the data plane, refuses oversized heads (431: header names
+/// and values plus the path and query, summed) and puts a deadline on the
+/// body (`body_read_timeout_ms`, then 408 `body_timeout`).
 pub(crate) async fn track(
     State((app, listener)): State<(Arc<App>, &'static str)>,
     req: Request,
@@ -100,8 +113,9 @@ pub(crate) async fn track(
     }
     .to_string();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
-    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-    let response = if listener == "data" && header_bytes > app.config.max_header_bytes {
+    let head_bytes = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let response = if listener == "data" && head_bytes > app.config.max_header_bytes {
         ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",
@@ -111,11 +125,165 @@ pub(crate) async fn track(
             ),
         )
         .into_response()
+    } else if listener == "data" && !http_body::Body::is_end_stream(req.body()) {
+        let limit = app.config.body_read_timeout();
+        next.run(req.map(|body| Body::new(Deadline::new(body, limit)))).await
     } else {
         next.run(req).await
     };
     app.http.observe(listener, &method, &route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The error a request body gives once its deadline passed; the handlers
+/// answer it with 408 `body_timeout`.
+#[derive(Debug)]
+pub(crate) struct BodyTimeout(pub Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within the server's body_read_timeout_ms ({} ms)",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// A request body that fails once `limit` has passed since the request's
+/// head: a client that stalls or trickles its body cannot hold a request
+/// (or a drain) for longer than that.
+struct Deadline {
+    body: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl Deadline {
+    fn new(body: Body, limit: Duration) -> Deadline {
+        Deadline { body, sleep: Box::pin(tokio::time::sleep(limit)), limit }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout(this.limit)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Most header fields hyper parses in one request; a request with more gets
+/// hyper's own bare 431 (no JSON body). Below it, `max_header_bytes` decides.
+pub const MAX_HEADER_FIELDS: usize = 256;
+
+/// Room in hyper's read buffer for a request's head: `max_header_bytes` plus
+/// the request line and the separators. A head larger than this gets
+/// hyper's bare 431 without being buffered further.
+fn head_buffer(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_add(16 << 10).max(8192)
+}
+
+/// The HTTP/1 settings of every connection (both listeners).
+fn http1_builder(config: &Config) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout())
+        .max_buf_size(head_buffer(config.max_header_bytes))
+        .max_headers(MAX_HEADER_FIELDS)
+        .keep_alive(true);
+    b
+}
+
+/// The connections one listener accepted, each in its own task.
+struct Connections {
+    tasks: JoinSet<()>,
+    graceful: GracefulShutdown,
+}
+
+impl Connections {
+    /// Accepts connections on `listener` until `stop` resolves, serving each
+    /// with `router`; then stops accepting (the listener is closed).
+    async fn accept_until(
+        listener: TcpListener,
+        router: axum::Router,
+        builder: http1::Builder,
+        stop: impl Future<Output = ()>,
+    ) -> Connections {
+        let mut conns = Connections { tasks: JoinSet::new(), graceful: GracefulShutdown::new() };
+        tokio::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stop => break,
+                r = listener.accept() => r,
+            };
+            // Finished connections leave the set as they go.
+            while conns.tasks.try_join_next().is_some() {}
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little, as axum does.
+                    tracing::warn!(error = %e, "accepting a connection failed; retrying in a second");
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            // Small answers (offsets, acks) go out at once, not after a delayed ACK.
+            let _ = stream.set_nodelay(true);
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+            let watched = conns.graceful.watch(conn);
+            conns.tasks.spawn(async move {
+                if let Err(e) = watched.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        conns
+    }
+
+    /// Asks every connection to finish (idle ones close at once, busy ones
+    /// after their response), waits at most `within`, then cuts off the rest.
+    /// Returns whether every connection finished in time.
+    async fn finish(self, within: Duration) -> bool {
+        let Connections { mut tasks, graceful } = self;
+        let in_time = tokio::time::timeout(within, graceful.shutdown()).await.is_ok();
+        if !in_time {
+            tasks.abort_all();
+        }
+        while tasks.join_next().await.is_some() {}
+        in_time
+    }
+}
+
+/// Accept errors that concern one connection only (the client gave up).
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }
 
 /// Why the server could not start or stop cleanly.
@@ -124,8 +292,10 @@ pub(crate) async fn track(
 pub enum ServeError {
     /// A configuration value is out of range.
     Config(String),
-    /// The data directory cannot be created or is held by another server.
+    /// The data directory cannot be created, listed or locked.
     DataDir(String),
+    /// Another server holds the data directory's lock.
+    Locked(String),
     /// A listener could not be bound.
     Bind {
         /// The address.
@@ -150,7 +320,7 @@ impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServeError::Config(m) => write!(f, "invalid configuration: {m}"),
-            ServeError::DataDir(m) => f.write_str(m),
+            ServeError::DataDir(m) | ServeError::Locked(m) => f.write_str(m),
             ServeError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             ServeError::Open { queue, source } => write!(f, "opening queue {queue:?}: {source}"),
             ServeError::Internal(m) => write!(f, "internal error: {m}"),
@@ -201,8 +371,12 @@ impl Server {
     /// binds both listeners (port 0 picks a free port). No queue is opened yet.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         config.validate().map_err(ServeError::Config)?;
-        let registry = Registry::new(&config.data_dir, config.queue_defaults.clone(), config.max_queues)
-            .map_err(ServeError::DataDir)?;
+        let limits = crate::registry::Limits {
+            queues: config.max_queues,
+            groups_per_queue: config.max_groups_per_queue,
+            consumers_per_queue: config.max_consumers_per_queue,
+        };
+        let registry = Registry::new(&config.data_dir, config.queue_defaults.clone(), limits)?;
         let bind = |addr: SocketAddr| async move {
             tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
         };
@@ -219,6 +393,13 @@ impl Server {
             stopped: watch::Sender::new(false),
         });
         Ok(Server { app, data, admin })
+    }
+
+    /// What the handlers share, with recovery marked done (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn ready_app_for_test(&self) -> Arc<App> {
+        self.app.ready.store(true, Ordering::Release);
+        Arc::clone(&self.app)
     }
 
     /// The data plane's bound address.
@@ -238,23 +419,33 @@ impl Server {
 
     /// Opens every queue, serves until [`ServerHandle::shutdown`] (or
     /// `POST /v1/shutdown`), then drains and closes everything.
+    ///
+    /// The drain takes at most the grace period, plus [`CLOSE_BUDGET`] for
+    /// the final syncs: connections still busy when the grace ends are cut
+    /// off (their handlers stop), and a close that a stalled disk holds up
+    /// longer is reported as [`ServeError::Close`] (what was acknowledged
+    /// as `sync` is on disk all the same).
     pub async fn run(self) -> Result<Outcome, ServeError> {
         let Server { app, data, admin } = self;
+        let builder = http1_builder(&app.config);
         let mut stopped = app.stopped.subscribe();
-        let admin_server =
-            axum::serve(admin, crate::admin::router(Arc::clone(&app))).with_graceful_shutdown(async move {
+        let admin_accept = tokio::spawn(Connections::accept_until(
+            admin,
+            crate::admin::router(Arc::clone(&app)),
+            builder.clone(),
+            async move {
                 let _ = stopped.wait_for(|s| *s).await;
-            });
-        let admin_task = tokio::spawn(async move { admin_server.await });
+            },
+        ));
 
         let started = Instant::now();
         let registry = Arc::clone(&app.registry);
         let opened = tokio::task::spawn_blocking(move || registry.open_all()).await;
         let opened = match opened {
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(stop_after_failure(&app, admin_task, e).await),
+            Ok(Err(e)) => return Err(stop_after_failure(&app, admin_accept, e).await),
             Err(e) => {
-                return Err(stop_after_failure(&app, admin_task, ServeError::Internal(e.to_string())).await);
+                return Err(stop_after_failure(&app, admin_accept, ServeError::Internal(e.to_string())).await);
             }
         };
         app.ready.store(true, Ordering::Release);
@@ -265,53 +456,77 @@ impl Server {
             "ready"
         );
 
-        let mut shutdown = app.shutdown.subscribe();
-        let mut graceful = app.shutdown.subscribe();
         // The listener keeps accepting for a short while after the drain
         // starts, so that clients get an answer (503 to produces and fetches;
-        // acks, nacks and reads still served) instead of a reset connection.
+        // acks, nacks and reads still served) instead of a refused connection.
         let linger = drain_linger(app.config.shutdown_grace());
-        let data_server =
-            axum::serve(data, crate::api::router(Arc::clone(&app))).with_graceful_shutdown(async move {
-                let _ = graceful.wait_for(|s| *s).await;
+        let mut lingered = app.shutdown.subscribe();
+        let data_accept = tokio::spawn(Connections::accept_until(
+            data,
+            crate::api::router(Arc::clone(&app)),
+            builder,
+            async move {
+                let _ = lingered.wait_for(|s| *s).await;
                 tokio::time::sleep(linger).await;
-            });
-        let mut data_task = tokio::spawn(async move { data_server.await });
-        let finished = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => false,
-            r = &mut data_task => {
-                if !app.is_draining() {
-                    tracing::error!(result = ?r, "the data plane stopped by itself");
-                }
-                true
-            }
-        };
+            },
+        ));
+        let _ = app.shutdown.subscribe().wait_for(|s| *s).await;
+        let drain_started = Instant::now();
         app.start_shutdown();
         let grace = app.config.shutdown_grace();
-        let drained_in_time = finished
-            || match tokio::time::timeout(grace, &mut data_task).await {
-                Ok(_) => true,
-                Err(_) => {
+        let drained_in_time = match data_accept.await {
+            Ok(conns) => {
+                let in_time = conns.finish(grace.saturating_sub(drain_started.elapsed())).await;
+                if !in_time {
                     tracing::warn!(
                         grace_ms = grace.as_millis() as u64,
-                        "grace period over; cutting off the requests still running"
+                        "grace period over; the requests still running were cut off"
                     );
-                    data_task.abort();
-                    false
                 }
-            };
-        let registry = Arc::clone(&app.registry);
-        let closed = tokio::task::spawn_blocking(move || registry.close_all()).await;
+                in_time
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the data plane's task failed");
+                false
+            }
+        };
+        let closed = close_queues(&app).await;
         app.stopped.send_replace(true);
-        let _ = admin_task.await;
+        finish_admin(admin_accept).await;
         match closed {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 tracing::info!(drained_in_time, "stopped: every queue synced and closed");
                 Ok(Outcome { drained_in_time })
             }
-            Ok(Err(e)) => Err(ServeError::Close(e)),
-            Err(e) => Err(ServeError::Close(e.to_string())),
+            Err(e) => Err(e),
         }
+    }
+}
+
+/// The most a shutdown spends syncing and closing the queues once the
+/// requests are done (a healthy disk needs milliseconds); a close still
+/// running then is left to the process exit.
+pub const CLOSE_BUDGET: Duration = Duration::from_secs(3);
+
+/// Syncs and closes every queue, within [`CLOSE_BUDGET`].
+async fn close_queues(app: &App) -> Result<(), ServeError> {
+    let registry = Arc::clone(&app.registry);
+    let closing = tokio::task::spawn_blocking(move || registry.close_all());
+    match tokio::time::timeout(CLOSE_BUDGET, closing).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(ServeError::Close(e)),
+        Ok(Err(e)) => Err(ServeError::Close(e.to_string())),
+        Err(_) => Err(ServeError::Close(format!(
+            "syncing and closing the queues took longer than {} s (a stalled disk?); records acknowledged as sync are on disk, the rest may not be",
+            CLOSE_BUDGET.as_secs()
+        ))),
+    }
+}
+
+/// Stops the admin listener (once the queues are closed: probes answer to the end).
+async fn finish_admin(admin_accept: tokio::task::JoinHandle<Connections>) {
+    if let Ok(conns) = admin_accept.await {
+        conns.finish(Duration::from_millis(500)).await;
     }
 }
 
@@ -323,14 +538,13 @@ fn drain_linger(grace: Duration) -> Duration {
 
 async fn stop_after_failure(
     app: &App,
-    admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin_accept: tokio::task::JoinHandle<Connections>,
     e: ServeError,
 ) -> ServeError {
     app.start_shutdown();
-    let registry = Arc::clone(&app.registry);
-    let _ = tokio::task::spawn_blocking(move || registry.close_all()).await;
+    let _ = close_queues(app).await;
     app.stopped.send_replace(true);
-    let _ = admin_task.await;
+    finish_admin(admin_accept).await;
     e
 }
 

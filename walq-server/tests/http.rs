@@ -605,8 +605,8 @@ async fn a_second_server_on_the_same_directory_is_refused() -> TestResult {
         ..Config::default()
     };
     match Server::bind(config).await {
-        Err(ServeError::DataDir(m)) => assert!(m.contains("in use"), "{m}"),
-        other => panic!("expected DataDir, got {other:?}"),
+        Err(ServeError::Locked(m)) => assert!(m.contains("in use"), "{m}"),
+        other => panic!("expected Locked, got {other:?}"),
     }
     s.stop().await;
     Ok(())
