@@ -114,6 +114,10 @@ export DOCKER_BUILDKIT=1
 d build -q -t walq:pod-test . >/dev/null || fail "docker build of the walq image"
 d build -q -f deploy/pod-client.Dockerfile -t walq-pod-client:pod-test . >/dev/null ||
   fail "docker build of deploy/pod-client.Dockerfile"
+# Issue 8's bound on the image: at most 20 MB.
+image_bytes=$(d image inspect -f '{{.Size}}' walq:pod-test)
+say "the walq image is $image_bytes bytes ($((image_bytes / 1000000)) MB; the bound is 20 MB)"
+[ "$image_bytes" -le 20000000 ] || fail "the walq image is $image_bytes bytes, over 20 MB"
 
 secure=(--read-only --user 65532:65532 --cap-drop ALL --security-opt no-new-privileges)
 serve=(serve --data-dir /var/lib/walq --listen 127.0.0.1:3600 --admin-listen 0.0.0.0:9600
