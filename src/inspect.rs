@@ -13,12 +13,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::batch::{self, BATCH_ALIGN, BATCH_HEADER_LEN, BatchHeader, DecodeError, RecordIter};
+use crate::batch::{self, BATCH_HEADER_LEN, BatchHeader, DecodeError, RecordIter};
 use crate::error::{Error, Result};
 use crate::fs::{LOCK_FILE, RealFs, Storage, StorageFile, read_exact_at};
 use crate::index::{self, INDEX_HEADER_LEN, IndexEntry, IndexProblem};
 use crate::record::RecordRef;
 use crate::recovery::LAST_RECOVERY_FILE;
+use crate::recovery::Survey as Rest;
 use crate::segment::{self, HeaderCheck, INDEX_EXT, SEGMENT_EXT, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
 
 /// Bytes read with one pread while walking batches (more for a larger batch).
@@ -251,45 +252,10 @@ impl BatchFile {
 
     /// What `[from, len)` holds: where its last non-zero byte ends (`None`:
     /// all zeros) and every valid batch at an 8-aligned position, any offset.
+    /// The same survey recovery makes, so that inspect predicts its verdict.
     fn rest(&mut self, from: u64) -> Result<Rest> {
-        /// Bytes a magic check needs past a candidate position.
-        const MAGIC_END: u64 = 12;
-        let mut garbage_end = None;
-        let mut candidates = Vec::new();
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES + MAGIC_END as usize];
-        let mut at = from;
-        while at < self.len {
-            let n = ((self.len - at) as usize).min(READ_CHUNK_BYTES);
-            let read = ((self.len - at) as usize).min(n + MAGIC_END as usize);
-            read_exact_at(self.file.as_ref(), &mut chunk[..read], at)
-                .map_err(|e| Error::io("read", &self.path, e))?;
-            if let Some(last) = chunk[..n].iter().rposition(|&b| b != 0) {
-                garbage_end = Some(at + last as u64 + 1);
-            }
-            let mut q = at.next_multiple_of(BATCH_ALIGN as u64);
-            while q < at + n as u64 && q + MAGIC_END <= at + read as u64 {
-                let i = (q - at) as usize;
-                if chunk[i + 8..i + 12] == batch::BATCH_MAGIC.to_le_bytes() {
-                    candidates.push(q);
-                }
-                q += BATCH_ALIGN as u64;
-            }
-            at += n as u64;
-        }
-        let mut valid = Vec::new();
-        for q in candidates.into_iter().filter(|&q| q > from || garbage_end.is_some()) {
-            if let Ok((h, _)) = self.batch(q, None)? {
-                valid.push((q, h));
-            }
-        }
-        Ok(Rest { garbage_end, valid })
+        crate::recovery::survey(self.file.as_ref(), &self.path, from, self.len)
     }
-}
-
-#[derive(Debug)]
-struct Rest {
-    garbage_end: Option<u64>,
-    valid: Vec<(u64, BatchHeader)>,
 }
 
 /// The timestamp of a valid batch's last record.

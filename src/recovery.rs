@@ -440,15 +440,15 @@ fn batch_at(
 /// What lies in a stretch of a segment: where its last non-zero byte ends
 /// (`None`: all zeros), and the valid batches found at 8-aligned positions.
 #[derive(Debug)]
-struct Survey {
-    garbage_end: Option<u64>,
-    valid: Vec<(u64, BatchHeader)>,
+pub(crate) struct Survey {
+    pub(crate) garbage_end: Option<u64>,
+    pub(crate) valid: Vec<(u64, BatchHeader)>,
 }
 
 /// What `[from, file_len)` holds: where its last non-zero byte ends (None:
 /// all zeros), and every valid batch that starts at an 8-aligned position in
 /// it, whatever its offset.
-fn survey(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) -> Result<Survey> {
+pub(crate) fn survey(file: &dyn StorageFile, path: &Path, from: u64, file_len: u64) -> Result<Survey> {
     /// Bytes a magic check needs past a candidate position.
     const MAGIC_END: u64 = 12;
     let mut garbage_end = None;
