@@ -18,7 +18,7 @@ override the file. Queue defaults go in the file's [queue_defaults] table.
 
 Endpoints: the data plane (default 127.0.0.1:3600) serves /v1/queues/...,
 the admin listener (default 0.0.0.0:9600) /livez, /readyz and /metrics; see
-walq-server/README.md for every endpoint.
+docs/http-api.md for every endpoint (and GET /openapi.json on the data plane).
 
 Shutdown: SIGTERM, SIGINT or POST /v1/shutdown drains: /readyz turns 503,
 new produces get 503, in-flight requests finish, long-polls return, every
