@@ -1,27 +1,40 @@
 //! The data plane: produce, read with long-poll, named consumers, consumer
-//! groups, queue list and info, and `POST /v1/shutdown`. Handlers never block
-//! a runtime thread: appends are awaited (`append_batch_async_with`), and
-//! file I/O, syncs and group fetches run in `spawn_blocking`. Invariant: a
-//! produce answers with an offset only after the record is as durable as
-//! the request asked.
+//! groups, queue list and info, `POST /v1/shutdown`, and `GET /openapi.json`.
+//! Handlers never block a runtime thread: appends are awaited
+//! (`append_batch_async_with`), and file I/O, syncs and group fetches run in
+//! `spawn_blocking`. Invariant: a produce answers with an offset only after
+//! the record is as durable as the request asked.
+//!
+//! Each handler carries its `#[utoipa::path]` (method, path, parameters, the
+//! request headers it reads, its body, every status it answers), and the
+//! router registers each route from that attribute (`utoipa_axum::routes!`):
+//! the OpenAPI document and the routes come from the same place.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use walq::{DeliveryId, OwnedRecord, Queue, Record};
 
 use crate::config::{DurabilitySpec, GroupOptions, QueueOptions, StartSpec};
-use crate::error::ApiError;
-use crate::json::{self, InBytes, InHeaders};
+use crate::error::{
+    ApiError, BadRequest, BodyTimeout, Conflict, DiskFull, ErrorBody, ErrorCode, HeadersTooLarge, NotFound,
+    OutOfRange, ServerError, TooLarge, TooMany, Unavailable,
+};
+use crate::json::{
+    BatchProduced, BatchResult, Consumer, ConsumerCreated, ConsumerRecords, Consumers, Deliveries,
+    DeliveryOut, Draining, EntryError, Group, GroupCreated, Groups, InBytes, InHeaders, Produced,
+    QueueCreated, QueueDetail, QueueSummary, Queues, RecordOut, Records, SettleAction, Settled,
+};
 use crate::registry::{Entry, blocking};
 use crate::server::App;
 
@@ -46,27 +59,72 @@ pub mod headers {
     pub const CORRELATION_ID: &str = "walq-correlation-id";
 }
 
+/// The document's frame: what no handler says (title, tags, the shared
+/// error responses). The paths come from the handlers, through [`documented`].
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "walq-server",
+        description = "The HTTP API of `walq serve`: a directory of named walq queues (produce with \
+                       the durability asked, read with long-poll, named consumers, consumer groups). \
+                       Bytes are a JSON string when they are UTF-8, else `{\"hex\": \"...\"}`. Every \
+                       error is `{\"error\": {\"code\", \"message\"}}`; match on the code. The admin \
+                       listener (`/livez`, `/readyz`, `/metrics`) is not part of this document.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    components(
+        schemas(ErrorBody, ErrorCode),
+        responses(
+            BadRequest, NotFound, Conflict, BodyTimeout, TooLarge, OutOfRange, TooMany, HeadersTooLarge,
+            ServerError, Unavailable, DiskFull
+        )
+    ),
+    tags(
+        (name = "queues", description = "Queues: list, create, inspect."),
+        (name = "produce", description = "Append records (created queues on first produce)."),
+        (name = "read", description = "Read from an offset, with long-poll."),
+        (name = "consumers", description = "Named consumers: a saved position per consumer."),
+        (name = "groups", description = "Consumer groups: competing consumers with per-record acks."),
+        (name = "server", description = "The server itself."),
+    )
+)]
+struct ApiDoc;
+
+/// Every data-plane route, each registered from its handler's
+/// `#[utoipa::path]`, with the document they make.
+fn documented() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_queues))
+        .routes(routes!(queue_info, create_queue))
+        .routes(routes!(produce, read))
+        .routes(routes!(produce_batch))
+        .routes(routes!(list_consumers))
+        .routes(routes!(consumer_info, create_consumer, delete_consumer))
+        .routes(routes!(consumer_read))
+        .routes(routes!(commit))
+        .routes(routes!(list_groups))
+        .routes(routes!(group_info, create_group))
+        .routes(routes!(fetch))
+        .routes(routes!(settle))
+        .routes(routes!(dead_letters))
+        .routes(routes!(shutdown))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3.1 document of the data plane, as `GET /openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().into_openapi()
+}
+
+/// The document, rendered once.
+static OPENAPI_JSON: LazyLock<Bytes> =
+    LazyLock::new(|| Bytes::from(openapi().to_pretty_json().expect("the OpenAPI document serializes")));
+
 /// The data-plane router.
 pub(crate) fn router(app: Arc<App>) -> axum::Router {
     let body_limit = app.config.max_body_bytes;
-    axum::Router::new()
-        .route("/v1/queues", get(list_queues))
-        .route("/v1/queues/{queue}", get(queue_info).put(create_queue))
-        .route("/v1/queues/{queue}/records", post(produce).get(read))
-        .route("/v1/queues/{queue}/batch", post(produce_batch))
-        .route("/v1/queues/{queue}/consumers", get(list_consumers))
-        .route(
-            "/v1/queues/{queue}/consumers/{consumer}",
-            get(consumer_info).put(create_consumer).delete(delete_consumer),
-        )
-        .route("/v1/queues/{queue}/consumers/{consumer}/records", get(consumer_read))
-        .route("/v1/queues/{queue}/consumers/{consumer}/commit", post(commit))
-        .route("/v1/queues/{queue}/groups", get(list_groups))
-        .route("/v1/queues/{queue}/groups/{group}", get(group_info).put(create_group))
-        .route("/v1/queues/{queue}/groups/{group}/fetch", post(fetch))
-        .route("/v1/queues/{queue}/groups/{group}/deliveries/{id}/{action}", post(settle))
-        .route("/v1/queues/{queue}/groups/{group}/dead-letters", get(dead_letters))
-        .route("/v1/shutdown", post(shutdown))
+    let (routes, _document) = documented().split_for_parts();
+    routes
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state((Arc::clone(&app), "data"), crate::server::track))
@@ -74,6 +132,83 @@ pub(crate) fn router(app: Arc<App>) -> axum::Router {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// The queue in the path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct QueuePath {
+    /// The queue's name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+    queue: String,
+}
+
+/// The named consumer in the path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct ConsumerPath {
+    /// The consumer's name (the same rule as a queue's).
+    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+    consumer: String,
+}
+
+/// The consumer group in the path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct GroupPath {
+    /// The group's name (the same rule as a queue's).
+    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+    group: String,
+}
+
+/// The delivery and what to do with it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct DeliveryPath {
+    /// A delivery id, as a fetch returned it.
+    #[param(pattern = "^[0-9]{1,19}\\.[0-9]{1,19}$")]
+    id: String,
+    /// `ack`: done; `nack`: redeliver after `delay_ms`; `in-progress`: restart
+    /// the ack wait; `term`: straight to the dead letters.
+    action: SettleAction,
+}
+
+/// The request headers a produce reads.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct ProduceHeaderParams {
+    /// The record's key (its bytes as sent).
+    #[param(rename = "walq-key", nullable = false)]
+    key: Option<String>,
+    /// A record header, `name=value`; repeat the header for several (order
+    /// and repeats are kept).
+    #[param(rename = "walq-header", nullable = false, pattern = "^[^=]+=.*$")]
+    header: Option<String>,
+    /// The record's timestamp, milliseconds since the Unix epoch (default: now).
+    #[param(rename = "walq-timestamp", nullable = false)]
+    timestamp: Option<u64>,
+    /// Shorthand for the record header `reply_to` (request/reply).
+    #[param(rename = "walq-reply-to", nullable = false)]
+    reply_to: Option<String>,
+    /// Shorthand for the record header `correlation_id` (request/reply).
+    #[param(rename = "walq-correlation-id", nullable = false)]
+    correlation_id: Option<String>,
+}
+
+/// The durability a produce asks for.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct DurabilityHeaderParam {
+    /// `sync`, `os`, `interval` (100 ms) or `interval:MS`; default: the
+    /// queue's mode. The answer comes once the records are that durable.
+    #[param(rename = "walq-durability", nullable = false)]
+    durability: Option<DurabilitySpec>,
+}
 
 /// Refuses new work while draining: checked when the request's head has
 /// arrived, before its body is read, so that a request already under way
@@ -127,7 +262,8 @@ fn body_timeout(e: &BytesRejection) -> Option<&crate::server::BodyTimeout> {
     None
 }
 
-/// A JSON body, or the default when the body is empty.
+/// A JSON body, or the default when the body is empty (for an `Option`,
+/// JSON null is `None` too).
 fn json_body<T: serde::de::DeserializeOwned + Default>(b: &Bytes) -> Result<T, ApiError> {
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -139,7 +275,7 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn ok(status: StatusCode, v: Value) -> ApiResult {
+fn ok<T: Serialize>(status: StatusCode, v: T) -> ApiResult {
     Ok((status, Json(v)).into_response())
 }
 
@@ -147,53 +283,124 @@ async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint; see walq-server/README.md")
 }
 
+/// Starts the drain, as SIGTERM does: new produces and fetches get 503
+/// `shutting_down`, requests under way finish, every queue is synced and
+/// closed, the process exits.
+#[utoipa::path(
+    post,
+    path = "/v1/shutdown",
+    tag = "server",
+    responses(
+        (status = 202, description = "The drain started", body = Draining),
+        (status = 431, response = HeadersTooLarge),
+    )
+)]
 async fn shutdown(State(app): State<Arc<App>>) -> ApiResult {
     tracing::info!("shutdown requested over HTTP");
     app.start_shutdown();
-    ok(StatusCode::ACCEPTED, json!({"status": "draining"}))
+    ok(StatusCode::ACCEPTED, Draining { status: "draining" })
+}
+
+/// This document: the data plane's API in OpenAPI 3.1.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "server",
+    responses(
+        (status = 200, description = "The OpenAPI document", body = Object, content_type = "application/json"),
+        (status = 431, response = HeadersTooLarge),
+    )
+)]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON.clone()).into_response()
 }
 
 // ---- queues ----
 
-fn queue_json(e: &Entry) -> Value {
+fn queue_summary(e: &Entry) -> QueueSummary {
     let s = e.queue.stats();
-    let opts = e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.clone();
-    json!({
-        "name": e.name,
-        "first_offset": s.first_offset,
-        "next_offset": s.next_offset,
-        "durable_offset": s.durable_offset,
-        "visible_offset": s.visible_offset,
-        "segments": s.segments,
-        "appends": s.appends,
-        "bytes": s.bytes,
-        "flushes": s.syncs,
-        "records_per_flush_mean": s.records_per_sync_mean,
-        "poisoned": s.poisoned,
-        "options": opts,
-    })
+    let options = e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.clone();
+    QueueSummary {
+        name: e.name.clone(),
+        first_offset: s.first_offset,
+        next_offset: s.next_offset,
+        durable_offset: s.durable_offset,
+        visible_offset: s.visible_offset,
+        segments: s.segments as u64,
+        appends: s.appends,
+        bytes: s.bytes,
+        flushes: s.syncs,
+        records_per_flush_mean: s.records_per_sync_mean,
+        poisoned: s.poisoned,
+        options,
+    }
 }
 
+/// Every queue with its offsets and counters, by name.
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    responses(
+        (status = 200, description = "Every queue", body = Queues),
+        (status = 431, response = HeadersTooLarge),
+    )
+)]
 async fn list_queues(State(app): State<Arc<App>>) -> ApiResult {
     // Stats read the journal's damage flag under its lock: off the runtime.
     let registry = Arc::clone(&app.registry);
-    let queues: Vec<Value> =
-        blocking(move || Ok(registry.list().iter().map(|e| queue_json(e)).collect())).await?;
-    ok(StatusCode::OK, json!({ "queues": queues }))
+    let queues = blocking(move || Ok(registry.list().iter().map(|e| queue_summary(e)).collect())).await?;
+    ok(StatusCode::OK, Queues { queues })
 }
 
+/// One queue, with its consumers and groups.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}",
+    tag = "queues",
+    params(QueuePath),
+    responses(
+        (status = 200, description = "The queue", body = QueueDetail),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 431, response = HeadersTooLarge),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn queue_info(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    let v = blocking(move || {
-        let mut v = queue_json(&e);
-        v["consumers"] = consumers_json(&e.queue);
-        v["groups"] = groups_json(&e);
-        Ok(v)
+    let detail = blocking(move || {
+        Ok(QueueDetail { queue: queue_summary(&e), consumers: consumers_of(&e.queue), groups: groups_of(&e) })
     })
     .await?;
-    ok(StatusCode::OK, v)
+    ok(StatusCode::OK, detail)
 }
 
+/// Creates a queue with options (all optional; an empty body takes the
+/// server's `queue_defaults`). A queue that exists keeps its options.
+#[utoipa::path(
+    put,
+    path = "/v1/queues/{queue}",
+    tag = "queues",
+    params(QueuePath),
+    request_body(
+        content = Option<QueueOptions>,
+        content_type = "application/json",
+        description = "The queue's options; an empty body (or null) takes the server's `queue_defaults`",
+    ),
+    responses(
+        (status = 200, description = "The queue existed (its options are unchanged)", body = QueueCreated),
+        (status = 201, description = "Created", body = QueueCreated),
+        (status = 400, response = BadRequest),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn create_queue(
     State(app): State<Arc<App>>,
     p: Result<Path<String>, PathRejection>,
@@ -201,13 +408,11 @@ async fn create_queue(
 ) -> ApiResult {
     let name = path(p)?;
     let b = body(b)?;
-    let options: Option<QueueOptions> =
-        if b.iter().all(u8::is_ascii_whitespace) { None } else { Some(json_body(&b)?) };
+    // An empty body, or JSON null: the defaults.
+    let options: Option<QueueOptions> = json_body(&b)?;
     let (e, created) = app.registry.get_or_create(&name, options).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    let mut v = queue_json(&e);
-    v["created"] = json!(created);
-    ok(status, v)
+    ok(status, QueueCreated { queue: queue_summary(&e), created })
 }
 
 // ---- produce ----
@@ -277,6 +482,31 @@ fn durability_for(e: &Entry, asked: Option<walq::Durability>) -> walq::Durabilit
     asked.unwrap_or_else(|| e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.durability.0)
 }
 
+/// Produces one record: the raw body is its value. Creates the queue if it
+/// does not exist. The answer comes once the record is as durable as asked.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/records",
+    tag = "produce",
+    params(QueuePath, ProduceHeaderParams, DurabilityHeaderParam),
+    request_body(
+        content = inline(RawValue),
+        content_type = "application/octet-stream",
+        description = "The record's value, as raw bytes (may be empty)",
+    ),
+    responses(
+        (status = 200, description = "Appended, as durable as asked", body = Produced),
+        (status = 400, response = BadRequest),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 429, response = TooMany),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn produce(
     _accepting: Accepting,
     State(app): State<Arc<App>>,
@@ -302,29 +532,43 @@ async fn produce(
     // requests share one fdatasync).
     let pending = e.queue.append_batch_async_with(std::slice::from_ref(&record), durability);
     let range = pending.await?;
-    ok(
-        StatusCode::OK,
-        json!({"offset": range.start, "timestamp_ms": timestamp_ms, "durability": DurabilitySpec(durability)}),
-    )
+    ok(StatusCode::OK, Produced { offset: range.start, timestamp_ms, durability: DurabilitySpec(durability) })
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A record's value as raw bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+struct RawValue(Vec<u8>);
+
+/// A batch of records to produce.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BatchRequest)]
 struct BatchIn {
+    /// For the whole batch (else the `Walq-Durability` header, else the queue's mode).
     #[serde(default)]
     durability: Option<DurabilitySpec>,
+    /// 1 to 10,000 records.
     #[serde(default)]
+    #[schema(min_items = 1, max_items = 10_000)]
     records: Vec<RecordIn>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One record of a batch.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RecordIn)]
 struct RecordIn {
+    /// The value.
     value: InBytes,
+    /// The key, if any.
     #[serde(default)]
     key: Option<InBytes>,
+    /// The headers, if any.
     #[serde(default)]
     headers: Option<InHeaders>,
+    /// Milliseconds since the Unix epoch (default: now).
     #[serde(default)]
     timestamp_ms: Option<u64>,
 }
@@ -363,6 +607,28 @@ fn decode_record(r: RecordIn, now: u64) -> Result<RecordOwned, String> {
     })
 }
 
+/// Produces a batch: each entry is checked on its own, the good ones are
+/// appended together (one fdatasync, contiguous offsets); one result per
+/// entry, in order. Creates the queue if it does not exist.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/batch",
+    tag = "produce",
+    params(QueuePath, DurabilityHeaderParam),
+    request_body(content = BatchIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One result per entry; the appended ones are as durable as asked", body = BatchProduced),
+        (status = 400, response = BadRequest),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 429, response = TooMany),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn produce_batch(
     _accepting: Accepting,
     State(app): State<Arc<App>>,
@@ -403,33 +669,56 @@ async fn produce_batch(
         next = Some(pending.await?.start);
     }
     let mut appended = 0u64;
-    let out: Vec<Value> = results
-        .iter()
+    let results: Vec<BatchResult> = results
+        .into_iter()
         .map(|r| match r {
             Ok(rec) => {
                 let offset = next.map(|n| n + appended).expect("an appended record has an offset");
                 appended += 1;
-                json!({"offset": offset, "timestamp_ms": rec.timestamp_ms})
+                BatchResult::Appended { offset, timestamp_ms: rec.timestamp_ms }
             }
-            Err(err) => json!({"error": {"code": err.code, "message": err.message}}),
+            Err(err) => BatchResult::Refused { error: EntryError { code: err.code, message: err.message } },
         })
         .collect();
-    ok(
-        StatusCode::OK,
-        json!({"results": out, "appended": appended, "durability": DurabilitySpec(durability)}),
-    )
+    ok(StatusCode::OK, BatchProduced { results, appended, durability: DurabilitySpec(durability) })
 }
 
 // ---- reading ----
 
-#[derive(Debug, Default, Deserialize)]
+/// Where to read from and how much.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ReadQuery {
+    /// The first offset to read (default: the first held; a consumer's
+    /// committed position).
+    #[param(nullable = false)]
     offset: Option<u64>,
+    /// Most records (default 100, at most the server's `max_records_per_read`).
+    #[param(nullable = false, value_type = Option<u64>)]
     max: Option<usize>,
+    /// Wait up to this many milliseconds for a first record (default 0, at
+    /// most the server's `long_poll_max_ms`).
+    #[param(nullable = false)]
     wait_ms: Option<u64>,
+    /// The records' bytes (keys, headers, values) sum to at most this (but
+    /// one record is always returned if there is one).
+    #[param(nullable = false, value_type = Option<u64>)]
     max_bytes: Option<usize>,
-    /// Consumers only: where a consumer that does not exist yet starts.
+    /// Consumers only: where a consumer that does not exist yet starts
+    /// (default `earliest`).
+    #[param(ignore)]
+    start: Option<StartSpec>,
+}
+
+/// Where a consumer that does not exist yet starts.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct StartParam {
+    /// `earliest` (default), `latest`, `offset:N` or `timestamp:MS`: only
+    /// for a consumer that does not exist yet.
+    #[param(nullable = false)]
     start: Option<StartSpec>,
 }
 
@@ -512,6 +801,24 @@ async fn read_waiting(
     }
 }
 
+/// Reads from an offset, waiting up to `wait_ms` for a first record
+/// (long-poll). A reader of a `sync` queue sees a record only once it is durable.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/records",
+    tag = "read",
+    params(QueuePath, ReadQuery),
+    responses(
+        (status = 200, description = "The records (empty if none came within the wait)", body = Records),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 416, response = OutOfRange),
+        (status = 429, response = TooMany),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn read(
     State(app): State<Arc<App>>,
     p: Result<Path<String>, PathRejection>,
@@ -525,8 +832,7 @@ async fn read(
     let limits = ReadLimits::new(&app, &q);
     let from = q.offset.unwrap_or_else(|| e.queue.first_offset());
     let (records, next) = read_waiting(&app, Arc::clone(&e.queue), from, &limits).await?;
-    let records: Vec<Value> = records.iter().map(json::record).collect();
-    ok(StatusCode::OK, json!({"records": records, "next_offset": next}))
+    ok(StatusCode::OK, Records { records: records.iter().map(RecordOut::of).collect(), next_offset: next })
 }
 
 // ---- named consumers ----
@@ -535,14 +841,9 @@ async fn read(
 // journal's lock, which a commit holds across an fdatasync: they run on the
 // blocking pool, so that a slow disk never stalls the runtime (and /livez).
 
-fn consumers_json(queue: &Queue) -> Value {
-    Value::Array(
-        queue
-            .consumers()
-            .iter()
-            .map(|c| json!({"name": c.name, "committed": c.position, "lag": c.lag}))
-            .collect(),
-    )
+/// Every named consumer of the queue (blocking: the journal's lock).
+fn consumers_of(queue: &Queue) -> Vec<Consumer> {
+    queue.consumers().iter().map(Consumer::of).collect()
 }
 
 async fn find_consumer(queue: &Arc<Queue>, name: &str) -> Result<Option<walq::ConsumerInfo>, ApiError> {
@@ -569,10 +870,25 @@ async fn ensure_consumer(e: &Arc<Entry>, name: &str, start: StartSpec) -> Result
     Ok(true)
 }
 
+/// The queue's named consumers: committed position and lag.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/consumers",
+    tag = "consumers",
+    params(QueuePath),
+    responses(
+        (status = 200, description = "The consumers", body = Consumers),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_consumers(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    let consumers = blocking(move || Ok(consumers_json(&e.queue))).await?;
-    ok(StatusCode::OK, json!({"consumers": consumers}))
+    let consumers = blocking(move || Ok(consumers_of(&e.queue))).await?;
+    ok(StatusCode::OK, Consumers { consumers })
 }
 
 /// A consumer or group name the library would refuse: 400 `invalid_option`
@@ -589,6 +905,21 @@ fn check_member_name(kind: &'static str, name: &str) -> Result<(), ApiError> {
     }))
 }
 
+/// One named consumer: committed position and lag.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/consumers/{consumer}",
+    tag = "consumers",
+    params(QueuePath, ConsumerPath),
+    responses(
+        (status = 200, description = "The consumer", body = Consumer),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn consumer_info(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -597,15 +928,43 @@ async fn consumer_info(
     check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
-    ok(StatusCode::OK, json!({"name": c.name, "committed": c.position, "lag": c.lag}))
+    ok(StatusCode::OK, Consumer::of(&c))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How to create a named consumer.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateConsumer {
+    /// Where it starts (default `earliest`); ignored if it exists.
     start: Option<StartSpec>,
 }
 
+/// Creates a named consumer at `start`; one that exists is left as it is.
+#[utoipa::path(
+    put,
+    path = "/v1/queues/{queue}/consumers/{consumer}",
+    tag = "consumers",
+    params(QueuePath, ConsumerPath),
+    request_body(
+        content = Option<CreateConsumer>,
+        content_type = "application/json",
+        description = "Optional: an empty body (or null) starts a new consumer at `earliest`",
+    ),
+    responses(
+        (status = 200, description = "It existed", body = ConsumerCreated),
+        (status = 201, description = "Created", body = ConsumerCreated),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 416, response = OutOfRange),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn create_consumer(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -613,13 +972,30 @@ async fn create_consumer(
 ) -> ApiResult {
     let (queue, name) = path(p)?;
     let e = app.registry.existing(&queue)?;
-    let req: CreateConsumer = json_body(&body(b)?)?;
+    let req: CreateConsumer = json_body::<Option<CreateConsumer>>(&body(b)?)?.unwrap_or_default();
     let created = ensure_consumer(&e, &name, req.start.unwrap_or(StartSpec(walq::StartAt::Earliest))).await?;
     let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    ok(status, json!({"name": c.name, "committed": c.position, "lag": c.lag, "created": created}))
+    ok(status, ConsumerCreated { consumer: Consumer::of(&c), created })
 }
 
+/// Deletes a named consumer and its position.
+#[utoipa::path(
+    delete,
+    path = "/v1/queues/{queue}/consumers/{consumer}",
+    tag = "consumers",
+    params(QueuePath, ConsumerPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn delete_consumer(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -632,6 +1008,26 @@ async fn delete_consumer(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Reads from the consumer's committed position (or `offset`), with
+/// long-poll; creates the consumer at `start` if it does not exist.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/consumers/{consumer}/records",
+    tag = "consumers",
+    params(QueuePath, ConsumerPath, ReadQuery, StartParam),
+    responses(
+        (status = 200, description = "The records (empty if none came within the wait)", body = ConsumerRecords),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 416, response = OutOfRange),
+        (status = 429, response = TooMany),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn consumer_read(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -648,16 +1044,40 @@ async fn consumer_read(
     // Records retention removed before the consumer read them are skipped.
     let from = q.offset.unwrap_or(c.position).max(e.queue.first_offset());
     let (records, next) = read_waiting(&app, Arc::clone(&e.queue), from, &limits).await?;
-    let records: Vec<Value> = records.iter().map(json::record).collect();
-    ok(StatusCode::OK, json!({"records": records, "next_offset": next, "committed": c.position}))
+    let records = records.iter().map(RecordOut::of).collect();
+    ok(StatusCode::OK, ConsumerRecords { records, next_offset: next, committed: c.position })
 }
 
-#[derive(Debug, Deserialize)]
+/// A consumer's new position.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CommitIn {
+    /// The offset to read next: the last processed offset + 1, between the
+    /// first offset held and the end of the log.
     offset: u64,
 }
 
+/// Saves the consumer's position (fdatasync'd before the answer).
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/consumers/{consumer}/commit",
+    tag = "consumers",
+    params(QueuePath, ConsumerPath),
+    request_body(content = CommitIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Saved", body = Consumer),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 416, response = OutOfRange),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn commit(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -677,41 +1097,36 @@ async fn commit(
     let (q, n) = (Arc::clone(&e.queue), name.clone());
     blocking(move || q.reset_consumer(&n, walq::StartAt::Offset(req.offset)).map_err(ApiError::from)).await?;
     let c = find_consumer(&e.queue, &name).await?.ok_or_else(|| unknown_consumer(&name))?;
-    ok(StatusCode::OK, json!({"name": c.name, "committed": c.position, "lag": c.lag}))
+    ok(StatusCode::OK, Consumer::of(&c))
 }
 
 // ---- consumer groups ----
 
-fn group_json(info: &walq::GroupInfo, open: Option<&(walq::Group, GroupOptions)>) -> Value {
-    let s = info.stats;
-    let mut v = json!({
-        "name": info.name,
-        "ack_floor": info.ack_floor,
-        "pending": info.pending,
-        "waiting_redelivery": info.waiting_redelivery,
-        "unacked": info.unacked,
-        "stats": {
-            "delivered": s.delivered, "redelivered": s.redelivered, "acked": s.acked, "nacked": s.nacked,
-            "expired": s.expired, "dead_lettered": s.dead_lettered, "skipped": s.skipped,
-        },
-    });
-    if let Some((g, opts)) = open {
-        v["options"] = json!(opts);
-        v["dead_letters"] = json!(g.dead_letters().map(|d| d.next_offset() - d.first_offset()));
-    }
-    v
-}
-
 /// Every group of the queue (blocking: the journal's and the groups' locks).
-fn groups_json(e: &Entry) -> Value {
+fn groups_of(e: &Entry) -> Vec<Group> {
     let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Value::Array(e.queue.groups().iter().map(|g| group_json(g, open.get(&g.name))).collect())
+    e.queue.groups().iter().map(|g| Group::of(g, open.get(&g.name))).collect()
 }
 
+/// Every consumer group of the queue.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/groups",
+    tag = "groups",
+    params(QueuePath),
+    responses(
+        (status = 200, description = "The groups", body = Groups),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list_groups(State(app): State<Arc<App>>, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let e = app.registry.existing(&path(p)?)?;
-    let groups = blocking(move || Ok(groups_json(&e))).await?;
-    ok(StatusCode::OK, json!({"groups": groups}))
+    let groups = blocking(move || Ok(groups_of(&e))).await?;
+    ok(StatusCode::OK, Groups { groups })
 }
 
 /// The group, opened in a blocking task (creating it only if `create`).
@@ -725,6 +1140,21 @@ async fn open_group(
     blocking(move || e.group(&n, options, create)).await
 }
 
+/// One consumer group: its state, options and dead-letter count.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/groups/{group}",
+    tag = "groups",
+    params(QueuePath, GroupPath),
+    responses(
+        (status = 200, description = "The group", body = Group),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn group_info(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -741,12 +1171,39 @@ async fn group_info(
                 ApiError::from(walq::Error::UnknownConsumer { kind: "group", name: name.clone() })
             })?,
         };
-        Ok(group_json(&info, open.as_ref()))
+        Ok(Group::of(&info, open.as_ref()))
     })
     .await?;
     ok(StatusCode::OK, v)
 }
 
+/// Creates a consumer group with options (all optional; saved beside the
+/// queue). A group that exists keeps its options.
+#[utoipa::path(
+    put,
+    path = "/v1/queues/{queue}/groups/{group}",
+    tag = "groups",
+    params(QueuePath, GroupPath),
+    request_body(
+        content = Option<GroupOptions>,
+        content_type = "application/json",
+        description = "The group's options; an empty body (or null) takes walq's defaults",
+    ),
+    responses(
+        (status = 200, description = "It existed (its options are unchanged)", body = GroupCreated),
+        (status = 201, description = "Created", body = GroupCreated),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 416, response = OutOfRange),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn create_group(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -755,18 +1212,25 @@ async fn create_group(
     let (queue, name) = path(p)?;
     let e = app.registry.existing(&queue)?;
     let b = body(b)?;
-    let options: Option<GroupOptions> =
-        if b.iter().all(u8::is_ascii_whitespace) { None } else { Some(json_body(&b)?) };
+    // An empty body, or JSON null: the defaults.
+    let options: Option<GroupOptions> = json_body(&b)?;
     let (g, opts, created) = open_group(&e, &name, options, true).await?;
-    let mut v = group_json(&g.info(), Some(&(g.clone(), opts)));
-    v["created"] = json!(created);
-    ok(if created { StatusCode::CREATED } else { StatusCode::OK }, v)
+    let group = Group::of(&g.info(), Some(&(g.clone(), opts)));
+    ok(if created { StatusCode::CREATED } else { StatusCode::OK }, GroupCreated { group, created })
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How many deliveries and how long to wait.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct FetchQuery {
+    /// Most deliveries (default 1, at most the group's `prefetch` and the
+    /// server's `max_records_per_read`).
+    #[param(nullable = false, value_type = Option<u64>)]
     max: Option<usize>,
+    /// Wait up to this many milliseconds for a first delivery (default 0,
+    /// at most the server's `long_poll_max_ms`).
+    #[param(nullable = false)]
     wait_ms: Option<u64>,
 }
 
@@ -815,13 +1279,34 @@ fn fetch_bounded(
     Ok(out)
 }
 
-fn delivery_json(d: &walq::Delivery) -> Value {
-    let mut v = json::record(d.record());
-    v["id"] = json!(d.id().to_token());
-    v["delivery_count"] = json!(d.delivery_count());
-    v
+fn delivery_out(d: &walq::Delivery) -> DeliveryOut {
+    DeliveryOut {
+        record: RecordOut::of(d.record()),
+        id: d.id().to_token(),
+        delivery_count: d.delivery_count(),
+    }
 }
 
+/// Fetches up to `max` deliveries, waiting up to `wait_ms` for a first
+/// (long-poll); creates the group with the defaults if it does not exist.
+/// Each stays in flight until acked, nacked, termed or its ack wait runs out.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/groups/{group}/fetch",
+    tag = "groups",
+    params(QueuePath, GroupPath, FetchQuery),
+    responses(
+        (status = 200, description = "The deliveries (empty if none came within the wait)", body = Deliveries),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 429, response = TooMany),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn fetch(
     _accepting: Accepting,
     State(app): State<Arc<App>>,
@@ -864,19 +1349,41 @@ async fn fetch(
         })
         .await?;
     }
-    let v: Vec<Value> = deliveries.iter().map(delivery_json).collect();
-    ok(StatusCode::OK, json!({ "deliveries": v }))
+    ok(StatusCode::OK, Deliveries { deliveries: deliveries.iter().map(delivery_out).collect() })
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Details of a nack or term.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct SettleQuery {
     /// nack: redeliver after this many milliseconds (default 0).
+    #[param(nullable = false)]
     delay_ms: Option<u64>,
     /// term: the reason recorded in the dead letter (default `term`).
+    #[param(nullable = false)]
     reason: Option<String>,
 }
 
+/// Settles a delivery. An ack settles the record (acking one already done
+/// answers 200); nack, in-progress and term act on this exact delivery (409
+/// `delivery_not_pending` if it is no longer the one in flight).
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/groups/{group}/deliveries/{id}/{action}",
+    tag = "groups",
+    params(QueuePath, GroupPath, DeliveryPath, SettleQuery),
+    responses(
+        (status = 200, description = "Done", body = Settled),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
 async fn settle(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String, String, String)>, PathRejection>,
@@ -892,33 +1399,73 @@ async fn settle(
             format!("{token:?} is not a delivery id (use the id a fetch returned)"),
         )
     })?;
-    if !matches!(action.as_str(), "ack" | "nack" | "in-progress" | "term") {
-        return Err(no_route().await);
-    }
+    let done = match action.as_str() {
+        "ack" => SettleAction::Ack,
+        "nack" => SettleAction::Nack,
+        "in-progress" => SettleAction::InProgress,
+        "term" => SettleAction::Term,
+        _ => return Err(no_route().await),
+    };
     let (group, _, _) = open_group(&e, &name, None, false).await?;
-    let act = action.clone();
     blocking(move || {
-        match act.as_str() {
-            "ack" => group.ack(id),
-            "nack" => group.nack(id, Duration::from_millis(q.delay_ms.unwrap_or(0))),
-            "in-progress" => group.in_progress(id),
-            _ => group.term_with_reason(id, q.reason.as_deref().unwrap_or("term")),
+        match done {
+            SettleAction::Ack => group.ack(id),
+            SettleAction::Nack => group.nack(id, Duration::from_millis(q.delay_ms.unwrap_or(0))),
+            SettleAction::InProgress => group.in_progress(id),
+            SettleAction::Term => group.term_with_reason(id, q.reason.as_deref().unwrap_or("term")),
         }
         .map_err(ApiError::from)
     })
     .await?;
-    ok(StatusCode::OK, json!({"id": token, "done": action}))
+    ok(StatusCode::OK, Settled { id: token, done })
 }
+
+/// Where to read a group's dead letters from and how much.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct DeadLetterQuery {
+    /// The first offset to read in the dead-letter queue (default: its first).
+    #[param(nullable = false)]
+    offset: Option<u64>,
+    /// Most records (default 100, at most the server's `max_records_per_read`).
+    #[param(nullable = false, value_type = Option<u64>)]
+    max: Option<usize>,
+    /// The records' bytes sum to at most this (but one record is always
+    /// returned if there is one).
+    #[param(nullable = false, value_type = Option<u64>)]
+    max_bytes: Option<usize>,
+}
+
+/// Reads a group's dead letters: records given up on, each with
+/// `walq-original-offset`, `walq-delivery-count`, `walq-dead-letter-reason`,
+/// `walq-group` and `walq-original-timestamp` headers. No long-poll.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/groups/{group}/dead-letters",
+    tag = "groups",
+    params(QueuePath, GroupPath, DeadLetterQuery),
+    responses(
+        (status = 200, description = "The dead letters", body = Records),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 416, response = OutOfRange),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+    )
+)]
 
 async fn dead_letters(
     State(app): State<Arc<App>>,
     p: Result<Path<(String, String)>, PathRejection>,
-    q: Result<Query<ReadQuery>, QueryRejection>,
+    q: Result<Query<DeadLetterQuery>, QueryRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
     let e = app.registry.existing(&queue)?;
     let q = query(q)?;
     let (group, _, _) = open_group(&e, &name, None, false).await?;
+    let q = ReadQuery { offset: q.offset, max: q.max, max_bytes: q.max_bytes, ..ReadQuery::default() };
     let limits = ReadLimits::new(&app, &q);
     let (records, next) = blocking(move || {
         let Some(dlq) = group.dead_letters() else { return Ok((Vec::new(), 0)) };
@@ -926,6 +1473,5 @@ async fn dead_letters(
         read_some(dlq, from, limits.max, limits.max_bytes).map_err(ApiError::from)
     })
     .await?;
-    let records: Vec<Value> = records.iter().map(json::record).collect();
-    ok(StatusCode::OK, json!({"records": records, "next_offset": next}))
+    ok(StatusCode::OK, Records { records: records.iter().map(RecordOut::of).collect(), next_offset: next })
 }

@@ -27,7 +27,7 @@ mod metrics;
 mod registry;
 mod server;
 
-pub use api::{BATCH_RECORDS_MAX, headers};
+pub use api::{BATCH_RECORDS_MAX, headers, openapi};
 pub use config::{
     ADMIN_LISTEN_DEFAULT, BODY_BYTES_DEFAULT, Config, DurabilitySpec, GroupOptions, HEADER_BYTES_DEFAULT,
     INTERVAL_DEFAULT, LISTEN_DEFAULT, LONG_POLL_MAX_MS_DEFAULT, LONG_POLLS_DEFAULT, QUEUES_DEFAULT,
