@@ -88,6 +88,7 @@ impl Entry {
     ) -> Result<(Group, GroupOptions, bool), ApiError> {
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((g, o)) = groups.get(name) {
+            same_options(name, options.as_ref(), o)?;
             return Ok((g.clone(), o.clone(), false));
         }
         let existing = self.queue.groups();
@@ -106,9 +107,17 @@ impl Entry {
             ));
         }
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).groups.get(name).cloned();
-        let opts = options.clone().or(saved).unwrap_or_default();
+        // A group's options are fixed when it is created: an existing group
+        // opens with what was saved then (the defaults if nothing was).
+        let opts = if exists {
+            let opts = saved.unwrap_or_default();
+            same_options(name, options.as_ref(), &opts)?;
+            opts
+        } else {
+            options.clone().or(saved).unwrap_or_default()
+        };
         let group = opts.open(&self.queue, name)?;
-        if let Some(o) = options {
+        if let Some(o) = options.filter(|_| !exists) {
             let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
             saved.groups.insert(name.to_string(), o);
             save(&self.dir, &saved)?;
@@ -134,6 +143,24 @@ impl Entry {
                 ),
             ))
         }
+    }
+}
+
+/// 409 `group_exists` when a request names options for an existing group
+/// that differ from the ones it was created with (as RabbitMQ refuses to
+/// redeclare a queue with other arguments): never a silent change, nor a
+/// silent no-op.
+fn same_options(name: &str, asked: Option<&GroupOptions>, current: &GroupOptions) -> Result<(), ApiError> {
+    match asked {
+        Some(asked) if asked != current => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "group_exists",
+            format!(
+                "group {name:?} exists with other options ({}); a group's options are fixed when it is created",
+                serde_json::to_string(current).unwrap_or_default()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

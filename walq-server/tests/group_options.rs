@@ -1,0 +1,42 @@
+//! A consumer group's options are fixed when it is created: a PUT naming the
+//! same options is idempotent, other options are 409 `group_exists` (open,
+//! and after a restart alike), and nothing changes what was saved.
+
+use serde_json::json;
+
+mod common;
+
+use common::{TestResult, code, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_options_are_fixed_at_creation_before_and_after_a_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    s.produce("jobs", "x").await;
+    let opts = json!({"prefetch": 4, "ack_wait_ms": 60000});
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/w", opts.clone()).await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/w", opts.clone()).await;
+    assert_eq!(st, 200, "the same options again: {v}");
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/w", json!({"prefetch": 9})).await;
+    assert_eq!((st, code(&v)), (409, "group_exists"), "{v}");
+    // A group made by a fetch has the defaults: other options are refused too.
+    let (st, v) = s.post_json("/v1/queues/jobs/groups/f/fetch", json!(null)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/f", json!({"prefetch": 2})).await;
+    assert_eq!((st, code(&v)), (409, "group_exists"), "{v}");
+    s.stop().await;
+
+    let s = start(dir.path()).await;
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/w", json!({"prefetch": 9})).await;
+    assert_eq!((st, code(&v)), (409, "group_exists"), "after a restart: {v}");
+    let (st, v) = s.put_json("/v1/queues/jobs/groups/w", opts.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, v) = s.get("/v1/queues/jobs/groups/w").await;
+    assert_eq!(v["options"]["prefetch"], 4, "{v}");
+    // An empty body names no options: always fine.
+    let r = s.http.put(s.url("/v1/queues/jobs/groups/f")).send().await?;
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+    Ok(())
+}
