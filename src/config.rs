@@ -257,7 +257,18 @@ impl QueueBuilder {
         Queue::open_with(self)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the options without opening anything (what [`open`](QueueBuilder::open)
+    /// checks first): [`Error::InvalidOption`] names the option and the rule.
+    /// For a program that takes options from its users and wants to refuse bad
+    /// ones at startup, before any queue is created.
+    ///
+    /// ```
+    /// let ok = walq::Queue::builder("/nowhere").segment_bytes(1 << 20).max_bytes(4 << 20);
+    /// assert!(ok.validate().is_ok());
+    /// let bad = walq::Queue::builder("/nowhere").segment_bytes(1 << 20).max_bytes(1 << 20);
+    /// assert!(matches!(bad.validate(), Err(walq::Error::InvalidOption { name: "max_bytes", .. })));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
             return Err(Error::InvalidOption {
                 name: "segment_bytes",

@@ -154,6 +154,11 @@ impl Config {
                 return Err(format!("{name} must be at most 3600000 (an hour)"));
             }
         }
+        // The defaults of new queues are checked now, not at the first produce.
+        self.queue_defaults
+            .builder(std::path::Path::new("."))
+            .validate()
+            .map_err(|e| format!("the queue defaults: {e}"))?;
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
         }
@@ -422,6 +427,17 @@ mod tests {
         assert!(Config::from_toml("no_such_key = 1").is_err());
         let c = Config { max_long_polls: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("max_long_polls"));
+    }
+
+    #[test]
+    fn bad_queue_defaults_are_refused_at_startup_not_at_the_first_produce() {
+        let mut c = Config::default();
+        c.queue_defaults.segment_bytes = Some(1 << 20);
+        c.queue_defaults.max_bytes = Some(1 << 20);
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("queue defaults") && e.contains("max_bytes"), "{e}");
+        c.queue_defaults.max_bytes = Some(2 << 20);
+        c.validate().unwrap();
     }
 
     #[test]
