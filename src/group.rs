@@ -237,8 +237,6 @@ struct State {
     deadlines: BTreeSet<(u64, u64)>,
     /// (due ms, offset) of records waiting for redelivery.
     ready: BTreeSet<(u64, u64)>,
-    /// Deliveries handed out (ids).
-    seq: u64,
     /// Unacknowledged deliveries and prefetch limit per worker.
     workers: HashMap<u64, (usize, usize)>,
     next_worker: u64,
@@ -295,7 +293,8 @@ pub struct GroupInfo {
     pub stats: GroupStats,
 }
 
-/// Identifies one delivery: the record's offset and which delivery it is.
+/// Identifies one delivery: the record's offset and which delivery of it
+/// this is (its [`Delivery::delivery_count`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeliveryId {
     offset: u64,
@@ -323,12 +322,13 @@ impl DeliveryId {
         self.offset
     }
 
-    /// The id as an opaque string, `<offset>.<seq>`, for programs that pass
-    /// it on out of process (the `walq serve` API); [`from_token`](DeliveryId::from_token)
-    /// reads it back. A token is only meaningful to the group handle that
-    /// made the delivery: after the group is reopened, an old token is at
-    /// worst [`Error::DeliveryNotPending`], or names the redelivery of the
-    /// same record.
+    /// The id as an opaque string, `<offset>.<n>` for the record's nth
+    /// delivery, for programs that pass it on out of process (the `walq
+    /// serve` API); [`from_token`](DeliveryId::from_token) reads it back.
+    /// Delivery counts are saved (they reach the OS before a fetch returns),
+    /// so a token from before a restart never names a later delivery: it is
+    /// [`Error::DeliveryNotPending`]. (A power cut can lose the last counts;
+    /// then a count, and so a token, can be handed out again.)
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
@@ -411,7 +411,6 @@ impl State {
             inflight: HashMap::new(),
             deadlines: BTreeSet::new(),
             ready,
-            seq: 0,
             workers: HashMap::new(),
             next_worker: 0,
             fresh,
@@ -711,8 +710,9 @@ impl Group {
                 };
                 let count = count + 1;
                 st.counts.insert(o, count);
-                st.seq += 1;
-                let seq = st.seq;
+                // The id's second part is the delivery count, which is saved:
+                // ids stay unique across reopens of the group.
+                let seq = u64::from(count);
                 let deadline = self.deadline();
                 st.inflight.insert(o, Inflight { seq, worker, deadline });
                 st.deadlines.insert((deadline, o));

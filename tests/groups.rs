@@ -277,3 +277,28 @@ fn fetch_waits_for_appends_and_nacks() {
     let redelivered = waiter.join().unwrap();
     assert_eq!(redelivered[0].delivery_count(), 2);
 }
+
+#[test]
+fn a_delivery_token_from_before_a_reopen_never_names_a_later_delivery() {
+    let clock = ManualClock::new(0);
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), &clock);
+    fill(&queue, 2);
+    let old = {
+        let group = queue.group("g").open().unwrap();
+        let d = group.worker().fetch(1, Z).unwrap().remove(0);
+        assert_eq!((d.id().offset(), d.delivery_count()), (0, 1));
+        d.id().to_token()
+    };
+    // Reopened: the record is redelivered at once, as its 2nd delivery.
+    let group = queue.group("g").open().unwrap();
+    let d = group.worker().fetch(1, Z).unwrap().remove(0);
+    assert_eq!((d.id().offset(), d.delivery_count()), (0, 2));
+    assert_ne!(d.id().to_token(), old, "the new delivery reuses the old token");
+    let stale = walq::DeliveryId::from_token(&old).unwrap();
+    assert!(matches!(group.nack(stale, Z), Err(Error::DeliveryNotPending { .. })));
+    assert!(matches!(group.term(stale), Err(Error::DeliveryNotPending { .. })));
+    // The current delivery is untouched by the stale token and settles normally.
+    assert_eq!(group.info().pending, 1);
+    group.term(d.id()).unwrap();
+}
