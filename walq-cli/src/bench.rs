@@ -1,6 +1,7 @@
 //! `walq bench`: the standard workloads on a scratch queue, beside the disk's
 //! own limits measured in the same run, so that each walq figure can be read
-//! against the ceiling it is up against.
+//! against the ceiling it is up against. `walq bench --http` runs the HTTP
+//! sidecar's workloads instead (see `bench_http`), beside the same disk probe.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,34 +28,45 @@ const DISK_PROBE_BYTES_MAX: u64 = 256 << 20;
 pub struct BenchArgs {
     /// Where to make the scratch queue directories (a fresh subdirectory, removed afterwards).
     #[arg(long, value_name = "DIR")]
-    dir: Option<PathBuf>,
-    /// Threads in the many-producers workload.
+    pub(crate) dir: Option<PathBuf>,
+    /// Threads in the many-producers workload (the library bench only).
     #[arg(long, default_value_t = 8)]
-    producers: usize,
+    pub(crate) producers: usize,
     /// Bytes of each record's value.
     #[arg(long, default_value_t = 1024)]
-    record_size: usize,
-    /// Seconds each workload runs (the whole run takes about seven times this).
+    pub(crate) record_size: usize,
+    /// Seconds each workload runs (the whole run takes about seven times this;
+    /// with --http about eight times this, plus the cold starts).
     #[arg(long, default_value_t = 2.0)]
-    duration: f64,
-    /// Durability of the appends (and of the reads' visibility).
+    pub(crate) duration: f64,
+    /// Durability of the appends (and of the reads' visibility); with --http,
+    /// sent as the Walq-Durability header of every produce.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
-    durability: DurabilityArg,
+    pub(crate) durability: DurabilityArg,
     /// Print JSON instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Bench the HTTP sidecar instead of the library: durable produces from
+    /// 1, 8 and 64 keep-alive clients, batch produces, produce to group fetch,
+    /// request/reply, cold start and memory with idle long-polls, each beside
+    /// the disk's limits and the performance targets (pass/fail). It starts
+    /// its own `walq serve` on loopback unless --url is given.
+    #[arg(long)]
+    pub(crate) http: bool,
+    #[command(flatten)]
+    pub(crate) http_options: crate::bench_http::HttpOptions,
 }
 
 /// Latencies in nanoseconds, summarized.
 #[derive(Debug, Clone, Copy, Default)]
-struct Summary {
-    count: u64,
-    per_sec: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(crate) struct Summary {
+    pub(crate) count: u64,
+    pub(crate) per_sec: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
 }
 
-fn summarize(mut nanos: Vec<u64>, elapsed: Duration) -> Summary {
+pub(crate) fn summarize(mut nanos: Vec<u64>, elapsed: Duration) -> Summary {
     nanos.sort_unstable();
     let at = |p: f64| {
         if nanos.is_empty() {
@@ -91,6 +103,9 @@ pub fn run(args: &BenchArgs) -> CmdResult {
         return Err(Failure::Usage(format!("--record-size must be at most {BULK_CALL_BYTES}")));
     }
     let d = Duration::from_secs_f64(args.duration);
+    if args.http {
+        return crate::bench_http::run(args, d);
+    }
     let durability = Durability::from(args.durability);
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let scratch = tempfile::Builder::new().prefix("walq-bench-").tempdir_in(&parent).map_err(|e| {
@@ -346,14 +361,16 @@ fn end_to_end(
     Ok(summarize(lat, elapsed))
 }
 
-struct Disk {
-    sync: Summary,
-    mib_per_sec: f64,
+pub(crate) struct Disk {
+    /// 4 KiB write + fdatasync.
+    pub(crate) sync: Summary,
+    /// 1 MiB writes + fdatasync.
+    pub(crate) mib_per_sec: f64,
 }
 
 /// The disk's own limits, in the scratch directory: 4 KiB write + fdatasync
 /// (latency), then 1 MiB writes + fdatasync (bandwidth), each for about `d`.
-fn disk_limits(path: &std::path::Path, d: Duration) -> Result<Disk, Failure> {
+pub(crate) fn disk_limits(path: &std::path::Path, d: Duration) -> Result<Disk, Failure> {
     use std::io::Write;
     let io_err =
         |e: std::io::Error| Failure::Walq(walq::Error::Io { op: "disk probe", path: path.into(), source: e });

@@ -6,6 +6,7 @@
 //! and consumer groups; `serve` runs the HTTP sidecar (`walq-server`).
 
 mod bench;
+mod bench_http;
 mod consumers;
 mod output;
 mod read;
@@ -73,7 +74,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure walq on this disk beside the disk's own limits (fdatasync latency, bandwidth).
+    /// Measure walq on this disk beside the disk's own limits (fdatasync latency, bandwidth);
+    /// with --http, the HTTP sidecar (walq serve) under concurrent keep-alive clients.
     Bench(bench::BenchArgs),
     /// Show segments, offsets, sizes, time range, and what the last recovery cut.
     Inspect {
