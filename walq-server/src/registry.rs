@@ -261,6 +261,17 @@ impl Registry {
             let s = saved.get_or_insert_with(Saved::default);
             s.queue = opts.clone();
             save(&dir, s)?;
+        } else if saved.is_none() {
+            // A queue created by a produce (or made before options were saved)
+            // keeps the defaults it was opened with, whatever the defaults
+            // of a later start: its durability never changes behind its users.
+            let s = Saved { queue: opts.clone(), groups: BTreeMap::new() };
+            match save(&dir, &s) {
+                Ok(()) => saved = Some(s),
+                Err(e) => {
+                    tracing::warn!(queue = %name, error = %e, "could not save the queue's options; it follows the server's defaults until they are saved")
+                }
+            }
         }
         let saved = saved.unwrap_or(Saved { queue: opts, groups: BTreeMap::new() });
         Ok(Arc::new(Entry {

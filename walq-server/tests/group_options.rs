@@ -40,3 +40,20 @@ async fn a_groups_options_are_fixed_at_creation_before_and_after_a_restart() -> 
     s.stop().await;
     Ok(())
 }
+
+/// A queue created by a produce keeps the defaults it was created with: a
+/// restart with other defaults does not change its durability behind its users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_created_by_a_produce_keeps_its_options_across_restarts_with_other_defaults() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = common::start_with(dir.path(), |c| c.queue_defaults.durability = "os".parse().unwrap()).await;
+    s.produce("auto", "x").await;
+    s.stop().await;
+    let s = start(dir.path()).await; // the defaults are `sync` now
+    let (_, v) = s.get("/v1/queues/auto").await;
+    assert_eq!(v["options"]["durability"], "os", "{v}");
+    let (_, v) = s.post_json("/v1/queues/auto/batch", json!({"records": [{"value": "y"}]})).await;
+    assert_eq!(v["durability"], "os", "{v}");
+    s.stop().await;
+    Ok(())
+}
