@@ -31,14 +31,16 @@
 //! - memory: the server's VmRSS (`/proc/<pid>/status`) once
 //!   `--idle-long-polls` connections each wait in a read of an empty queue.
 //!
-//! The server and the load generator share the machine. `--cpus shared`
-//! (the default) leaves both to the scheduler, as a sidecar and its
-//! application run in a pod; `--cpus pinned` runs the server under
-//! `taskset -c 0` and moves this process to CPU 1 (`taskset -a -p`, before
-//! its runtime starts, so that every thread inherits it), which also
-//! confines the server's request threads, flusher and fdatasync calls to
-//! one core. The split is printed, and each workload shows the CPU time
-//! the server and the bench used (from `/proc/<pid>/stat`), per record. Every server the bench starts is stopped (SIGTERM, then
+//! The server and the load generator share the machine. `--cpus pinned`
+//! (the default) runs the server under `taskset -c 0` and moves this
+//! process to CPU 1 (`taskset -a -p`, before its runtime starts, so that
+//! every thread inherits it): the bench's own work never preempts the
+//! server, whose latency tails are then its own (on a 2-core machine they
+//! were several times steadier so), at the price of confining the server's
+//! request threads, flusher and fdatasync calls to one core. `--cpus
+//! shared` leaves both to the scheduler, as a sidecar and its application
+//! run in a pod. The split is printed, and each workload shows the CPU
+//! time the server and the bench used (from `/proc/<pid>/stat`), per record. Every server the bench starts is stopped (SIGTERM, then
 //! SIGKILL after ten seconds) when it is no longer needed, on error and panic
 //! paths too (a guard's `Drop`).
 
@@ -91,7 +93,7 @@ pub struct HttpOptions {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     idle_long_polls: usize,
     /// With --http: how the server and the load generator share the CPUs.
-    #[arg(long, value_enum, value_name = "SPLIT", default_value_t = CpuSplit::Shared)]
+    #[arg(long, value_enum, value_name = "SPLIT", default_value_t = CpuSplit::Pinned)]
     cpus: CpuSplit,
 }
 
