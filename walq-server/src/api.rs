@@ -112,13 +112,45 @@ fn documented() -> OpenApiRouter<Arc<App>> {
 }
 
 /// The OpenAPI 3.1 document of the data plane, as `GET /openapi.json` serves it.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented().into_openapi()
+pub fn openapi() -> serde_json::Value {
+    let mut doc = serde_json::to_value(documented().into_openapi()).expect("the OpenAPI document serializes");
+    link_keys_in_camel_case(&mut doc);
+    doc
+}
+
+/// utoipa 5 writes a Link object's fields in snake case (`operation_id`);
+/// OpenAPI spells them `operationId`, `operationRef`, `requestBody`.
+fn link_keys_in_camel_case(doc: &mut serde_json::Value) {
+    let responses = doc["paths"]
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(serde_json::Value::as_object_mut)
+        .flat_map(|item| item.values_mut())
+        .filter_map(|op| op.get_mut("responses").and_then(serde_json::Value::as_object_mut))
+        .flat_map(|responses| responses.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(serde_json::Value::as_object_mut) else {
+            continue;
+        };
+        for link in links.values_mut().filter_map(serde_json::Value::as_object_mut) {
+            for (snake, camel) in [
+                ("operation_id", "operationId"),
+                ("operation_ref", "operationRef"),
+                ("request_body", "requestBody"),
+            ] {
+                if let Some(v) = link.remove(snake) {
+                    link.insert(camel.to_string(), v);
+                }
+            }
+        }
+    }
 }
 
 /// The document, rendered once.
-static OPENAPI_JSON: LazyLock<Bytes> =
-    LazyLock::new(|| Bytes::from(openapi().to_pretty_json().expect("the OpenAPI document serializes")));
+static OPENAPI_JSON: LazyLock<Bytes> = LazyLock::new(|| {
+    Bytes::from(serde_json::to_vec_pretty(&openapi()).expect("the OpenAPI document serializes"))
+});
 
 /// The data-plane router.
 pub(crate) fn router(app: Arc<App>) -> axum::Router {
@@ -389,8 +421,14 @@ async fn queue_info(State(app): State<Arc<App>>, p: Result<Path<String>, PathRej
         description = "The queue's options; an empty body (or null) takes the server's `queue_defaults`",
     ),
     responses(
-        (status = 200, description = "The queue existed (its options are unchanged)", body = QueueCreated),
-        (status = 201, description = "Created", body = QueueCreated),
+        (status = 200, description = "The queue existed (its options are unchanged)", body = QueueCreated, links(
+            ("Produce" = (operation_id = "produce", parameters(("queue" = "$request.path.queue")))),
+            ("Read" = (operation_id = "read", parameters(("queue" = "$request.path.queue")))),
+        )),
+        (status = 201, description = "Created", body = QueueCreated, links(
+            ("Produce" = (operation_id = "produce", parameters(("queue" = "$request.path.queue")))),
+            ("Read" = (operation_id = "read", parameters(("queue" = "$request.path.queue")))),
+        )),
         (status = 400, response = BadRequest),
         (status = 409, response = Conflict),
         (status = 408, response = BodyTimeout),
@@ -495,7 +533,16 @@ fn durability_for(e: &Entry, asked: Option<walq::Durability>) -> walq::Durabilit
         description = "The record's value, as raw bytes (may be empty)",
     ),
     responses(
-        (status = 200, description = "Appended, as durable as asked", body = Produced),
+        (status = 200, description = "Appended, as durable as asked", body = Produced, links(
+            ("ReadIt" = (operation_id = "read", parameters(
+                ("queue" = "$request.path.queue"), ("offset" = "$response.body#/offset")
+            ))),
+            ("QueueInfo" = (operation_id = "queue_info", parameters(("queue" = "$request.path.queue")))),
+            ("FetchIt" = (operation_id = "fetch", parameters(("queue" = "$request.path.queue"), ("group" = "workers")))),
+            ("ConsumeIt" = (operation_id = "consumer_read", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "reader")
+            ))),
+        )),
         (status = 400, response = BadRequest),
         (status = 409, response = Conflict),
         (status = 408, response = BodyTimeout),
@@ -549,9 +596,9 @@ struct BatchIn {
     /// For the whole batch (else the `Walq-Durability` header, else the queue's mode).
     #[serde(default)]
     durability: Option<DurabilitySpec>,
-    /// 1 to 10,000 records.
+    /// 1 to 10,000 records (an empty or missing list is 400 `bad_request`).
     #[serde(default)]
-    #[schema(min_items = 1, max_items = 10_000)]
+    #[schema(required = true, min_items = 1, max_items = 10_000)]
     records: Vec<RecordIn>,
 }
 
@@ -951,8 +998,28 @@ struct CreateConsumer {
         description = "Optional: an empty body (or null) starts a new consumer at `earliest`",
     ),
     responses(
-        (status = 200, description = "It existed", body = ConsumerCreated),
-        (status = 201, description = "Created", body = ConsumerCreated),
+        (status = 200, description = "It existed", body = ConsumerCreated, links(
+            ("Commit" = (operation_id = "commit", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+            ("ConsumerRead" = (operation_id = "consumer_read", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+            ("Delete" = (operation_id = "delete_consumer", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+        )),
+        (status = 201, description = "Created", body = ConsumerCreated, links(
+            ("Commit" = (operation_id = "commit", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+            ("ConsumerRead" = (operation_id = "consumer_read", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+            ("Delete" = (operation_id = "delete_consumer", parameters(
+                ("queue" = "$request.path.queue"), ("consumer" = "$response.body#/name")
+            ))),
+        )),
         (status = 400, response = BadRequest),
         (status = 404, response = NotFound),
         (status = 409, response = Conflict),
@@ -1178,7 +1245,8 @@ async fn group_info(
 }
 
 /// Creates a consumer group with options (all optional; saved beside the
-/// queue). A group that exists keeps its options.
+/// queue). A group's options are fixed at creation: a PUT naming other
+/// options for a group that exists is 409 `group_exists`.
 #[utoipa::path(
     put,
     path = "/v1/queues/{queue}/groups/{group}",
@@ -1190,8 +1258,22 @@ async fn group_info(
         description = "The group's options; an empty body (or null) takes walq's defaults",
     ),
     responses(
-        (status = 200, description = "It existed (its options are unchanged)", body = GroupCreated),
-        (status = 201, description = "Created", body = GroupCreated),
+        (status = 200, description = "It existed, with these options (or the body named none)", body = GroupCreated, links(
+            ("Fetch" = (operation_id = "fetch", parameters(
+                ("queue" = "$request.path.queue"), ("group" = "$response.body#/name")
+            ))),
+            ("DeadLetters" = (operation_id = "dead_letters", parameters(
+                ("queue" = "$request.path.queue"), ("group" = "$response.body#/name")
+            ))),
+        )),
+        (status = 201, description = "Created", body = GroupCreated, links(
+            ("Fetch" = (operation_id = "fetch", parameters(
+                ("queue" = "$request.path.queue"), ("group" = "$response.body#/name")
+            ))),
+            ("DeadLetters" = (operation_id = "dead_letters", parameters(
+                ("queue" = "$request.path.queue"), ("group" = "$response.body#/name")
+            ))),
+        )),
         (status = 400, response = BadRequest),
         (status = 404, response = NotFound),
         (status = 409, response = Conflict),
@@ -1296,7 +1378,16 @@ fn delivery_out(d: &walq::Delivery) -> DeliveryOut {
     tag = "groups",
     params(QueuePath, GroupPath, FetchQuery),
     responses(
-        (status = 200, description = "The deliveries (empty if none came within the wait)", body = Deliveries),
+        (status = 200, description = "The deliveries (empty if none came within the wait)", body = Deliveries, links(
+            ("Settle" = (operation_id = "settle", parameters(
+                ("queue" = "$request.path.queue"),
+                ("group" = "$request.path.group"),
+                ("id" = "$response.body#/deliveries/0/id")
+            ))),
+            ("GroupInfo" = (operation_id = "group_info", parameters(
+                ("queue" = "$request.path.queue"), ("group" = "$request.path.group")
+            ))),
+        )),
         (status = 400, response = BadRequest),
         (status = 404, response = NotFound),
         (status = 409, response = Conflict),

@@ -38,6 +38,7 @@ pub(crate) const CODES: &[(&str, u16, &str)] = &[
     ("in_use", 409, "the consumer is open elsewhere"),
     ("queue_limit", 409, "the server holds max_queues queues"),
     ("group_limit", 409, "the queue has max_groups_per_queue consumer groups"),
+    ("group_exists", 409, "the group exists with other options (a group's options are fixed at creation)"),
     ("consumer_limit", 409, "the queue has max_consumers_per_queue named consumers"),
     ("body_timeout", 408, "the body did not arrive within body_read_timeout_ms"),
     ("body_too_large", 413, "the body exceeds max_body_bytes"),
@@ -132,7 +133,8 @@ pub(crate) struct BadRequest(ErrorBody);
 #[allow(dead_code)]
 pub(crate) struct NotFound(ErrorBody);
 
-/// `delivery_not_pending`, `locked`, `in_use`, `queue_limit`, `group_limit` or `consumer_limit`.
+/// `delivery_not_pending`, `locked`, `in_use`, `queue_limit`, `group_limit`,
+/// `group_exists` or `consumer_limit`.
 #[derive(ToResponse)]
 #[allow(dead_code)]
 pub(crate) struct Conflict(ErrorBody);

@@ -512,19 +512,28 @@ impl ToSchema for StartSpec {
 #[allow(dead_code)] // Read by serde in the test that keeps it in step.
 pub(crate) struct QueueOptionsSchema {
     /// The queue's durability mode: what a produce without `Walq-Durability`
-    /// gets (default `sync`).
-    durability: Option<DurabilitySpec>,
-    /// Segment size in bytes (walq's default if unset).
+    /// gets (default `sync`). Not null.
+    #[serde(default)]
+    durability: DurabilitySpec,
+    /// Segment size in bytes (64 MiB if unset), 4 KiB to 2 GiB.
+    #[schema(minimum = 4096, maximum = 2147483648_u64)]
     segment_bytes: Option<u64>,
-    /// Largest encoded record in bytes (1 MiB if unset).
+    /// Largest encoded record in bytes (1 MiB if unset), at most 32 MiB.
+    #[schema(minimum = 1, maximum = 33554432)]
     max_record_bytes: Option<u64>,
-    /// Retention: remove the oldest segments above this many bytes.
+    /// Retention: remove the oldest segments above this many bytes (at
+    /// least `segment_bytes`).
+    #[schema(minimum = 4096)]
     retention_max_bytes: Option<u64>,
     /// Retention: remove segments whose newest record is older than this.
     retention_max_age_ms: Option<u64>,
-    /// Retention in queue mode: remove what every consumer and group has finished.
-    queue_mode: Option<bool>,
-    /// Backpressure: produces beyond this many bytes get 429 `queue_full`.
+    /// Retention in queue mode: remove what every consumer and group has
+    /// finished (default false). Not null.
+    #[serde(default)]
+    queue_mode: bool,
+    /// Backpressure: produces beyond this many bytes get 429 `queue_full`
+    /// (at least twice `segment_bytes`).
+    #[schema(minimum = 8192)]
     max_bytes: Option<u64>,
 }
 
@@ -553,10 +562,12 @@ pub(crate) struct GroupOptionsSchema {
     /// Where a new group starts (default `earliest`).
     start: Option<StartSpec>,
     /// Redelivery deadline of a delivery, in milliseconds (default 30000).
+    #[schema(minimum = 1)]
     ack_wait_ms: Option<u64>,
     /// Deliveries before the dead letters (default 5; 0 for no limit).
     max_deliver: Option<u32>,
     /// Most deliveries one fetch hands out (default 256).
+    #[schema(minimum = 1)]
     prefetch: Option<u64>,
     /// Durability of acks (default `interval:100`).
     ack_durability: Option<DurabilitySpec>,
@@ -619,7 +630,8 @@ mod tests {
     }
 
     /// The option schemas mirror the real types: the same field names, and
-    /// whatever the real type writes the mirror reads (and the reverse).
+    /// whatever the real type writes the mirror reads (and the reverse); a
+    /// field the schema lets be null or absent, the real type takes so.
     #[test]
     fn option_schemas_mirror_the_config_types() {
         let queue = QueueOptions {
@@ -652,5 +664,27 @@ mod tests {
         let _: GroupOptionsSchema = serde_json::from_value(serde_json::to_value(&group).unwrap()).unwrap();
         let _: QueueOptionsSchema =
             serde_json::from_value(serde_json::to_value(QueueOptions::default()).unwrap()).unwrap();
+        let nullable = |s: RefOr<Schema>| -> Vec<(String, bool)> {
+            let RefOr::T(Schema::Object(o)) = s else { panic!("not an object schema") };
+            let v = serde_json::to_value(&o).unwrap();
+            let mut out = Vec::new();
+            for (name, p) in v["properties"].as_object().unwrap() {
+                let null = p["type"].as_array().is_some_and(|t| t.contains(&json!("null")))
+                    || p["oneOf"].as_array().is_some_and(|o| o.contains(&json!({"type": "null"})));
+                let required = v["required"].as_array().is_some_and(|r| r.contains(&json!(name)));
+                assert!(!required, "{name}: every option is optional");
+                out.push((name.clone(), null));
+            }
+            out
+        };
+        for (name, null) in nullable(QueueOptions::schema()) {
+            let with_null: Result<QueueOptions, _> = serde_json::from_value(json!({ name.clone(): null }));
+            assert_eq!(with_null.is_ok(), null, "QueueOptions.{name}: null allowed by the schema: {null}");
+            let _: QueueOptions = serde_json::from_value(json!({})).unwrap();
+        }
+        for (name, null) in nullable(GroupOptions::schema()) {
+            let with_null: Result<GroupOptions, _> = serde_json::from_value(json!({ name.clone(): null }));
+            assert_eq!(with_null.is_ok(), null, "GroupOptions.{name}: null allowed by the schema: {null}");
+        }
     }
 }
