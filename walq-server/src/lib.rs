@@ -35,4 +35,4 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use registry::{LOCK_FILE, NAME_MAX, OPTIONS_FILE, check_queue_name};
-pub use server::{Outcome, ServeError, Server, ServerHandle, Signals};
+pub use server::{CLOSE_BUDGET, MAX_HEADER_FIELDS, Outcome, ServeError, Server, ServerHandle, Signals};
