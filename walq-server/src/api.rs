@@ -103,7 +103,7 @@ fn documented() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(consumer_read))
         .routes(routes!(commit))
         .routes(routes!(list_groups))
-        .routes(routes!(group_info, create_group))
+        .routes(routes!(group_info, create_group, delete_group))
         .routes(routes!(fetch))
         .routes(routes!(settle))
         .routes(routes!(dead_letters))
@@ -1075,6 +1075,36 @@ async fn delete_consumer(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Deletes a consumer group: its ack floor, delivery counts and options
+/// (durably). Its dead-letter queue stays on disk. 409 `in_use` while a fetch
+/// of the group is still running.
+#[utoipa::path(
+    delete,
+    path = "/v1/queues/{queue}/groups/{group}",
+    tag = "groups",
+    params(QueuePath, GroupPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 431, response = HeadersTooLarge),
+        (status = 500, response = ServerError),
+        (status = 503, response = Unavailable),
+        (status = 507, response = DiskFull),
+    )
+)]
+async fn delete_group(
+    State(app): State<Arc<App>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult {
+    let (queue, name) = path(p)?;
+    check_member_name("group", &name)?;
+    let e = app.registry.existing(&queue)?;
+    blocking(move || e.delete_group(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Reads from the consumer's committed position (or `offset`), with
 /// long-poll; creates the consumer at `start` if it does not exist.
 #[utoipa::path(
@@ -1172,7 +1202,8 @@ async fn commit(
 /// Every group of the queue (blocking: the journal's and the groups' locks).
 fn groups_of(e: &Entry) -> Vec<Group> {
     let open = e.groups.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    e.queue.groups().iter().map(|g| Group::of(g, open.get(&g.name))).collect()
+    let saved = e.saved.lock().unwrap_or_else(|e| e.into_inner()).groups.clone();
+    e.queue.groups().iter().map(|g| Group::of(g, open.get(&g.name), saved.get(&g.name))).collect()
 }
 
 /// Every consumer group of the queue.
@@ -1238,7 +1269,8 @@ async fn group_info(
                 ApiError::from(walq::Error::UnknownConsumer { kind: "group", name: name.clone() })
             })?,
         };
-        Ok(Group::of(&info, open.as_ref()))
+        let saved = e.saved.lock().unwrap_or_else(|e| e.into_inner()).groups.get(&name).cloned();
+        Ok(Group::of(&info, open.as_ref(), saved.as_ref()))
     })
     .await?;
     ok(StatusCode::OK, v)
@@ -1297,7 +1329,7 @@ async fn create_group(
     // An empty body, or JSON null: the defaults.
     let options: Option<GroupOptions> = json_body(&b)?;
     let (g, opts, created) = open_group(&e, &name, options, true).await?;
-    let group = Group::of(&g.info(), Some(&(g.clone(), opts)));
+    let group = Group::of(&g.info(), Some(&(g.clone(), opts)), None);
     ok(if created { StatusCode::CREATED } else { StatusCode::OK }, GroupCreated { group, created })
 }
 

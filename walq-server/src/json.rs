@@ -312,7 +312,13 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    pub(crate) fn of(info: &walq::GroupInfo, open: Option<&(walq::Group, GroupOptions)>) -> Group {
+    /// `open`: the group's handle here, if open (then its dead letters are
+    /// counted); `saved`: its saved options (the defaults when none were).
+    pub(crate) fn of(
+        info: &walq::GroupInfo,
+        open: Option<&(walq::Group, GroupOptions)>,
+        saved: Option<&GroupOptions>,
+    ) -> Group {
         let s = info.stats;
         Group {
             name: info.name.clone(),
@@ -329,7 +335,7 @@ impl Group {
                 dead_lettered: s.dead_lettered,
                 skipped: s.skipped,
             },
-            options: open.map(|(_, o)| o.clone()),
+            options: Some(open.map(|(_, o)| o.clone()).or_else(|| saved.cloned()).unwrap_or_default()),
             dead_letters: open.map(|(g, _)| g.dead_letters().map(|d| d.next_offset() - d.first_offset())),
         }
     }

@@ -126,6 +126,25 @@ impl Entry {
         Ok((group, opts, !exists))
     }
 
+    /// Deletes group `name`: its handle here, its saved state (durably) and
+    /// its saved options; its dead-letter queue stays on disk. A fetch still
+    /// running holds the group: then 409 `in_use` and nothing changes.
+    /// Blocking (a synced journal write): call from `spawn_blocking`.
+    pub(crate) fn delete_group(&self, name: &str) -> Result<(), ApiError> {
+        // Under the map's lock, so that no request opens the group meanwhile.
+        // Our handle goes first: the library refuses while any is alive. If a
+        // fetch still holds one, the next request finds the live group again.
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        drop(groups.remove(name));
+        self.queue.delete_group(name)?;
+        drop(groups);
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if saved.groups.remove(name).is_some() {
+            save(&self.dir, &saved)?;
+        }
+        Ok(())
+    }
+
     /// 409 `consumer_limit` when creating consumer `name` would pass
     /// `max_consumers_per_queue` (an existing name is always fine). Blocking
     /// (reads the journal's image): call from `spawn_blocking`.
