@@ -351,7 +351,7 @@ async fn openapi_json() -> Response {
 
 fn queue_summary(e: &Entry) -> QueueSummary {
     let s = e.queue.stats();
-    let options = e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.clone();
+    let options = e.options.clone();
     QueueSummary {
         name: e.name.clone(),
         first_offset: s.first_offset,
@@ -517,7 +517,7 @@ fn produce_headers(map: &HeaderMap) -> Result<ProduceHeaders, ApiError> {
 
 /// The queue's durability unless the request named one.
 fn durability_for(e: &Entry, asked: Option<walq::Durability>) -> walq::Durability {
-    asked.unwrap_or_else(|| e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.durability.0)
+    asked.unwrap_or(e.options.durability.0)
 }
 
 /// Produces one record: the raw body is its value. Creates the queue if it
@@ -695,7 +695,7 @@ async fn produce_batch(
     };
     let (e, _) = app.registry.get_or_create(&name, None).await?;
     let durability = durability_for(&e, asked);
-    let limit = e.saved.lock().unwrap_or_else(|e| e.into_inner()).queue.record_limit();
+    let limit = e.options.record_limit();
     let now = now_ms();
     // Each entry is checked on its own: a bad one gets its error, the good
     // ones are appended together (one batch, one fdatasync).

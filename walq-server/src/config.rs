@@ -283,6 +283,30 @@ impl GroupOptions {
         b.open()
     }
 
+    /// These options as they act: walq's default wherever one is unset, and
+    /// no `start` (it only matters when the group is created). Two requests
+    /// for an existing group are compared by this, so spelling out a default
+    /// is the same as leaving it unset.
+    ///
+    /// ```
+    /// let unset = walq_server::GroupOptions::default();
+    /// let spelled = walq_server::GroupOptions { prefetch: Some(walq::PREFETCH_DEFAULT), ..Default::default() };
+    /// assert_eq!(unset.in_effect(), spelled.in_effect());
+    /// ```
+    pub fn in_effect(&self) -> GroupOptions {
+        GroupOptions {
+            start: None,
+            ack_wait_ms: Some(
+                self.ack_wait_ms
+                    .unwrap_or(u64::try_from(walq::ACK_WAIT_DEFAULT.as_millis()).unwrap_or(u64::MAX)),
+            ),
+            max_deliver: Some(self.max_deliver.unwrap_or(walq::MAX_DELIVER_DEFAULT)),
+            prefetch: Some(self.prefetch.unwrap_or(walq::PREFETCH_DEFAULT)),
+            ack_durability: Some(self.ack_durability.unwrap_or(DurabilitySpec(walq::ACK_DURABILITY_DEFAULT))),
+            dead_letters: Some(self.dead_letters.unwrap_or(true)),
+        }
+    }
+
     /// The most deliveries one fetch may hand out.
     pub fn prefetch(&self) -> usize {
         self.prefetch.unwrap_or(walq::PREFETCH_DEFAULT).max(1)

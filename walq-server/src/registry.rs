@@ -59,6 +59,9 @@ pub(crate) struct Entry {
     pub name: String,
     pub dir: PathBuf,
     pub queue: Arc<Queue>,
+    /// The queue's options: fixed once it is open, so read without a lock
+    /// (the `saved` lock is held across the options file's fsyncs).
+    pub options: QueueOptions,
     pub saved: Mutex<Saved>,
     /// Open groups, with the options each was opened with.
     pub groups: Mutex<HashMap<String, (Group, GroupOptions)>>,
@@ -116,12 +119,31 @@ impl Entry {
         } else {
             options.clone().or(saved).unwrap_or_default()
         };
-        let group = opts.open(&self.queue, name)?;
-        if let Some(o) = options.filter(|_| !exists) {
-            let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-            saved.groups.insert(name.to_string(), o);
-            save(&self.dir, &saved)?;
-        }
+        // The options reach the disk before the group exists: a failed save
+        // (or a crash) never leaves a group that reopens with the defaults.
+        let before = match options.filter(|_| !exists) {
+            Some(o) => {
+                let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+                let mut next = saved.clone();
+                next.groups.insert(name.to_string(), o);
+                save(&self.dir, &next)?;
+                Some(std::mem::replace(&mut *saved, next))
+            }
+            None => None,
+        };
+        let group = match opts.open(&self.queue, name) {
+            Ok(g) => g,
+            Err(e) => {
+                // Options walq refuses (or a failed creation) are not kept.
+                if let Some(before) = before {
+                    let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+                    if save(&self.dir, &before).is_ok() {
+                        *saved = before;
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         groups.insert(name.to_string(), (group.clone(), opts.clone()));
         Ok((group, opts, !exists))
     }
@@ -137,11 +159,16 @@ impl Entry {
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         drop(groups.remove(name));
         self.queue.delete_group(name)?;
-        drop(groups);
+        // Still under the map's lock: a new group of the same name cannot
+        // save its options in between and lose them here.
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-        if saved.groups.remove(name).is_some() {
-            save(&self.dir, &saved)?;
+        if saved.groups.contains_key(name) {
+            let mut next = saved.clone();
+            next.groups.remove(name);
+            save(&self.dir, &next)?;
+            *saved = next;
         }
+        drop(groups);
         Ok(())
     }
 
@@ -171,7 +198,7 @@ impl Entry {
 /// silent no-op.
 fn same_options(name: &str, asked: Option<&GroupOptions>, current: &GroupOptions) -> Result<(), ApiError> {
     match asked {
-        Some(asked) if asked != current => Err(ApiError::new(
+        Some(asked) if asked.in_effect() != current.in_effect() => Err(ApiError::new(
             StatusCode::CONFLICT,
             "group_exists",
             format!(
@@ -265,10 +292,15 @@ impl Registry {
         create: bool,
     ) -> Result<Arc<Entry>, walq::Error> {
         let dir = self.dir.join(name);
-        let mut saved = load(&dir).unwrap_or_else(|e| {
-            tracing::warn!(queue = %name, error = %e, "could not read {OPTIONS_FILE}; using the defaults");
-            None
-        });
+        // An options file that cannot be read or parsed (a newer version's
+        // field, a hand edit, an I/O error) stops the open: the queue's
+        // durability must not silently change, and the file is left alone.
+        let mut saved = load(&dir).map_err(|reason| walq::Error::InvalidOption {
+            name: OPTIONS_FILE,
+            reason: format!(
+                "{reason}; fix the file, or remove it to open the queue with the server's defaults"
+            ),
+        })?;
         let explicit = options.is_some();
         let opts = match (options, &saved) {
             (Some(o), _) => o,
@@ -297,6 +329,7 @@ impl Registry {
             name: name.to_string(),
             dir,
             queue: Arc::new(queue),
+            options: saved.queue.clone(),
             saved: Mutex::new(saved),
             groups: Mutex::new(HashMap::new()),
             consumers: tokio::sync::Mutex::new(()),
@@ -482,6 +515,7 @@ impl Registry {
             name: name.to_string(),
             dir: self.dir.join(name),
             queue: Arc::new(queue),
+            options: QueueOptions::default(),
             saved: Mutex::new(Saved::default()),
             groups: Mutex::new(HashMap::new()),
             consumers: tokio::sync::Mutex::new(()),

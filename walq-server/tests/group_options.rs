@@ -105,3 +105,86 @@ async fn a_deleted_group_is_gone_makes_room_and_can_be_made_again() -> TestResul
     s.stop().await;
     Ok(())
 }
+
+/// Spelling out a default is the same as leaving it unset: no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_are_compared_as_they_act_so_explicit_defaults_are_no_conflict() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    s.produce("q", "x").await;
+    let (st, v) = s.post_json("/v1/queues/q/groups/g/fetch?max=1", json!(null)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", json!({"max_deliver": 5, "prefetch": 256})).await;
+    assert_eq!(st, 200, "the defaults, spelled out: {v}");
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", json!({"start": "latest"})).await;
+    assert_eq!(st, 200, "start only matters at creation: {v}");
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", json!({"max_deliver": 6})).await;
+    assert_eq!((st, code(&v)), (409, "group_exists"), "{v}");
+    s.stop().await;
+    Ok(())
+}
+
+/// The options reach the disk before the group exists: a failed save leaves
+/// no group behind, and a retry makes it with its options, which a restart keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_options_save_creates_no_group_and_a_retry_keeps_the_options() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    s.produce("q", "x").await;
+    let tmp = dir.path().join("q").join("serve-options.json.tmp");
+    std::fs::create_dir(&tmp)?; // the next save fails (EISDIR)
+    let opts = json!({"max_deliver": 1, "prefetch": 3});
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", opts.clone()).await;
+    assert!(st >= 500, "{st} {v}");
+    let (st, v) = s.get("/v1/queues/q/groups/g").await;
+    assert_eq!((st, code(&v)), (404, "unknown_group"), "a group without its options: {v}");
+    std::fs::remove_dir(&tmp)?;
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", opts.clone()).await;
+    assert_eq!(st, 201, "{v}");
+    s.stop().await;
+    let s = start(dir.path()).await;
+    let (st, v) = s.put_json("/v1/queues/q/groups/g", opts.clone()).await;
+    assert_eq!(st, 200, "after a restart: {v}");
+    assert_eq!(v["options"]["max_deliver"], 1, "{v}");
+    // Options walq refuses are not kept either.
+    let (st, v) = s.put_json("/v1/queues/q/groups/h", json!({"prefetch": 0})).await;
+    assert_eq!(st, 400, "{v}");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("q").join("serve-options.json"))?)?;
+    assert!(saved["groups"].get("h").is_none(), "{saved}");
+    s.stop().await;
+    Ok(())
+}
+
+/// An options file the server cannot read stops the start (naming the file
+/// and what to do) and is left exactly as it was: never replaced by defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_options_file_stops_the_start_and_is_left_alone() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    let (st, v) = s.put_json("/v1/queues/q", json!({"durability": "os"})).await;
+    assert_eq!(st, 201, "{v}");
+    s.stop().await;
+    let file = dir.path().join("q").join("serve-options.json");
+    let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    saved["queue"]["a_field_from_a_newer_version"] = json!(1);
+    let edited = serde_json::to_vec_pretty(&saved)?;
+    std::fs::write(&file, &edited)?;
+    let config = walq_server::Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse()?,
+        admin_listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    };
+    let server = walq_server::Server::bind(config).await?;
+    match server.run().await {
+        Err(walq_server::ServeError::Open { queue, source }) => {
+            assert_eq!(queue, "q");
+            let m = source.to_string();
+            assert!(m.contains("serve-options.json") && m.contains("remove it"), "{m}");
+        }
+        other => panic!("expected the start to stop, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&file)?, edited, "the options file was rewritten");
+    Ok(())
+}
