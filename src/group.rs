@@ -237,6 +237,10 @@ struct State {
     deadlines: BTreeSet<(u64, u64)>,
     /// (due ms, offset) of records waiting for redelivery.
     ready: BTreeSet<(u64, u64)>,
+    /// Drawn when the group is opened, part of every delivery id: an id of an
+    /// earlier opening, or of a deleted group of the same name, never
+    /// matches a delivery of this one.
+    incarnation: u32,
     /// Unacknowledged deliveries and prefetch limit per worker.
     workers: HashMap<u64, (usize, usize)>,
     next_worker: u64,
@@ -322,13 +326,14 @@ impl DeliveryId {
         self.offset
     }
 
-    /// The id as an opaque string, `<offset>.<n>` for the record's nth
-    /// delivery, for programs that pass it on out of process (the `walq
-    /// serve` API); [`from_token`](DeliveryId::from_token) reads it back.
-    /// Delivery counts are saved (they reach the OS before a fetch returns),
-    /// so a token from before a restart never names a later delivery: it is
-    /// [`Error::DeliveryNotPending`]. (A power cut can lose the last counts;
-    /// then a count, and so a token, can be handed out again.)
+    /// The id as an opaque string, `<offset>.<n>.<incarnation>` for the
+    /// record's nth delivery by one opening of the group, for programs that
+    /// pass it on out of process (the `walq serve` API);
+    /// [`from_token`](DeliveryId::from_token) reads it back. The incarnation
+    /// is drawn at random when the group is opened, so a token from before a
+    /// restart, or from a deleted group of the same name, never names a later
+    /// delivery: it is [`Error::DeliveryNotPending`] (an ack, which settles
+    /// by offset, still settles the record).
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
@@ -342,17 +347,31 @@ impl DeliveryId {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn to_token(&self) -> String {
-        format!("{}.{}", self.offset, self.seq)
+        let (count, incarnation) = (self.seq & u64::from(u32::MAX), self.seq >> 32);
+        if incarnation == 0 {
+            format!("{}.{count}", self.offset)
+        } else {
+            format!("{}.{count}.{incarnation}", self.offset)
+        }
     }
 
     /// Reads a token made by [`to_token`](DeliveryId::to_token); `None` for
-    /// anything else (two decimal numbers joined by one `.`, no signs, no
-    /// spaces, each fitting a `u64`).
+    /// anything else (two or three decimal numbers joined by `.`, no signs,
+    /// no spaces: an offset fitting a `u64`, then numbers fitting a `u32`).
     pub fn from_token(token: &str) -> Option<DeliveryId> {
-        let (offset, seq) = token.split_once('.')?;
-        let number =
-            |s: &str| if s.bytes().all(|b| b.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
-        Some(DeliveryId { offset: number(offset)?, seq: number(seq)? })
+        let mut parts = token.split('.');
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let offset = parts.next().filter(|s| digits(s))?.parse::<u64>().ok()?;
+        let count = parts.next().filter(|s| digits(s))?.parse::<u32>().ok()?;
+        let incarnation = match parts.next() {
+            Some(s) if digits(s) => s.parse::<u32>().ok()?,
+            Some(_) => return None,
+            None => 0,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(DeliveryId { offset, seq: (u64::from(incarnation) << 32) | u64::from(count) })
     }
 }
 
@@ -399,6 +418,18 @@ pub struct Worker {
     prefetch: usize,
 }
 
+/// A number for one opening of a group: random (std's per-process random
+/// hash keys, mixed with the time), never 0.
+fn incarnation() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    let n = h.finish();
+    ((n ^ (n >> 32)) as u32).max(1)
+}
+
 impl State {
     fn from_image(img: &GroupImage, fresh: Reader) -> State {
         // Delivered and not done before the restart: redeliver at once.
@@ -411,6 +442,7 @@ impl State {
             inflight: HashMap::new(),
             deadlines: BTreeSet::new(),
             ready,
+            incarnation: incarnation(),
             workers: HashMap::new(),
             next_worker: 0,
             fresh,
@@ -710,9 +742,9 @@ impl Group {
                 };
                 let count = count + 1;
                 st.counts.insert(o, count);
-                // The id's second part is the delivery count, which is saved:
-                // ids stay unique across reopens of the group.
-                let seq = u64::from(count);
+                // The delivery count (saved, so it only grows for a record)
+                // and this opening's incarnation: no two deliveries share an id.
+                let seq = (u64::from(st.incarnation) << 32) | u64::from(count);
                 let deadline = self.deadline();
                 st.inflight.insert(o, Inflight { seq, worker, deadline });
                 st.deadlines.insert((deadline, o));
@@ -910,17 +942,22 @@ mod tests {
 
     #[test]
     fn delivery_token_round_trips_and_rejects_anything_else() {
-        for (offset, seq) in [(0, 0), (7, 1), (u64::MAX, u64::MAX)] {
+        for (offset, seq) in [(0, 0), (7, 1), (7, (9 << 32) | 2), (u64::MAX, u64::MAX)] {
             let id = DeliveryId { offset, seq };
             assert_eq!(DeliveryId::from_token(&id.to_token()), Some(id));
         }
+        assert_eq!(DeliveryId { offset: 7, seq: (9 << 32) | 2 }.to_token(), "7.2.9");
         for bad in [
             "",
             ".",
             "1",
             "1.",
             ".1",
-            "1.2.3",
+            "1.2.3.4",
+            "1.2.",
+            "1..3",
+            "1.4294967296",
+            "1.2.4294967296",
             "+1.2",
             "1.-2",
             " 1.2",

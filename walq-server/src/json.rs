@@ -157,7 +157,7 @@ pub(crate) struct DeliveryOut {
     #[serde(flatten)]
     pub record: RecordOut,
     /// The delivery id: pass it back to settle this delivery.
-    #[schema(pattern = "^[0-9]+\\.[0-9]+$")]
+    #[schema(pattern = "^[0-9]+\\.[0-9]+\\.[0-9]+$")]
     pub id: String,
     /// How many times the record was delivered, this time included.
     pub delivery_count: u32,

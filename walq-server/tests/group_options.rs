@@ -188,3 +188,25 @@ async fn an_unreadable_options_file_stops_the_start_and_is_left_alone() -> TestR
     assert_eq!(std::fs::read(&file)?, edited, "the options file was rewritten");
     Ok(())
 }
+
+/// A delivery id of a deleted group never settles a delivery of the group
+/// made again under the same name (ids carry the opening's incarnation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_from_a_deleted_group_never_settles_a_delivery_of_the_new_one() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    s.produce("q", "job").await;
+    let (_, v) = s.post_json("/v1/queues/q/groups/g/fetch", json!(null)).await;
+    let old = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    let r = s.http.delete(s.url("/v1/queues/q/groups/g")).send().await?;
+    assert_eq!(r.status(), 204);
+    let (_, v) = s.post_json("/v1/queues/q/groups/g/fetch", json!(null)).await;
+    let new = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    assert_ne!(old, new);
+    let (st, v) = s.post_json(&format!("/v1/queues/q/groups/g/deliveries/{old}/term"), json!(null)).await;
+    assert_eq!((st, code(&v)), (409, "delivery_not_pending"), "{v}");
+    let (st, v) = s.post_json(&format!("/v1/queues/q/groups/g/deliveries/{new}/nack"), json!(null)).await;
+    assert_eq!(st, 200, "the owner's nack: {v}");
+    s.stop().await;
+    Ok(())
+}
