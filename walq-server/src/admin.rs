@@ -1,6 +1,6 @@
 //! The admin listener: `/livez` (the process answers and no queue is
-//! poisoned), `/readyz` (200 once recovery is done, 503 before, while
-//! draining and while a queue is poisoned) and `/metrics` (Prometheus text).
+//! poisoned), `/readyz` (200 once recovery is done, 503 before and while
+//! draining) and `/metrics` (Prometheus text).
 //! Nothing here reads or changes a queue's data.
 //!
 //! A poisoned queue (a write or fdatasync failed, so walq no longer knows
@@ -8,6 +8,8 @@
 //! reopening means recovery. `/livez` then answers 503 so that the kubelet
 //! restarts the container: the restart runs recovery, which finds out what
 //! is really on disk. A disk that keeps failing shows as a crash loop.
+//! `/readyz` stays as it is: walq runs beside the application, and the
+//! pod's readiness is the application's too (its other work goes on).
 
 use std::sync::Arc;
 
@@ -47,9 +49,7 @@ fn poisoned(app: &App) -> Option<String> {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if let Some(message) = poisoned(&app) {
-        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
-    } else if app.is_ready() {
+    if app.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else if app.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
@@ -87,7 +87,7 @@ mod tests {
     use walq::{Fault, FaultKind, FaultOp, SimDisk};
 
     #[tokio::test]
-    async fn a_poisoned_queue_fails_livez_and_readyz_so_that_a_restart_recovers_it() {
+    async fn a_poisoned_queue_fails_livez_so_that_a_restart_recovers_it_and_readyz_stays() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::Config {
             data_dir: dir.path().to_path_buf(),
@@ -108,11 +108,46 @@ mod tests {
         let entry = app.registry.get("orders").unwrap();
         assert!(entry.queue.append(b"lost").is_err());
         assert!(entry.queue.is_poisoned());
-        for response in [livez(State(Arc::clone(&app))).await, readyz(State(Arc::clone(&app))).await] {
-            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-            let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
-            let text = String::from_utf8_lossy(&body);
-            assert!(text.contains("poisoned: orders") && text.contains("restart"), "{text}");
-        }
+        let response = livez(State(Arc::clone(&app))).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("poisoned: orders") && text.contains("restart"), "{text}");
+        // The pod's readiness is the application's too: unchanged.
+        assert_eq!(readyz(State(Arc::clone(&app))).await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_dead_letter_queue_fails_livez_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let server = crate::Server::bind(config).await.unwrap();
+        let app = server.ready_app_for_test();
+        let disk = SimDisk::new(8);
+        let queue = walq::Queue::builder("/sim/jobs").simulated(&disk).open().unwrap();
+        queue.append(b"poison").unwrap();
+        app.registry.insert_for_test("jobs", queue);
+        let entry = app.registry.get("jobs").unwrap();
+        let (group, _, _) = entry.group("workers", None, true).unwrap();
+        let delivery = group.worker().fetch(1, std::time::Duration::ZERO).unwrap().remove(0);
+        disk.inject(Fault {
+            op: FaultOp::Sync,
+            nth: 1,
+            kind: FaultKind::Eio,
+            path_contains: Some("dead-letters".into()),
+        });
+        assert!(group.term(delivery.id()).is_err());
+        assert!(group.dead_letters().unwrap().is_poisoned());
+        assert!(!entry.queue.is_poisoned());
+        let response = livez(State(Arc::clone(&app))).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("jobs/dead-letters/workers"), "{text}");
     }
 }

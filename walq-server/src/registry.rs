@@ -396,9 +396,24 @@ impl Registry {
         v
     }
 
-    /// The names of the queues a failed write or sync poisoned.
+    /// The names of the queues a failed write or sync poisoned, and of the
+    /// open groups whose dead-letter queue is (`<queue>/dead-letters/<group>`:
+    /// its terms and dead letters fail until a restart).
     pub(crate) fn poisoned(&self) -> Vec<String> {
-        self.list().into_iter().filter(|e| e.queue.is_poisoned()).map(|e| e.name.clone()).collect()
+        let mut names = Vec::new();
+        for e in self.list() {
+            if e.queue.is_poisoned() {
+                names.push(e.name.clone());
+            }
+            let groups = e.groups.lock().unwrap_or_else(|e| e.into_inner());
+            for (g, (group, _)) in groups.iter() {
+                if group.dead_letters().is_some_and(Queue::is_poisoned) {
+                    names.push(format!("{}/dead-letters/{g}", e.name));
+                }
+            }
+        }
+        names.sort();
+        names
     }
 
     /// Syncs every queue's pending records now (blocking).
