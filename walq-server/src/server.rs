@@ -429,14 +429,14 @@ impl Server {
         let Server { app, data, admin } = self;
         let builder = http1_builder(&app.config);
         let mut stopped = app.stopped.subscribe();
-        let admin_accept = tokio::spawn(Connections::accept_until(
+        let admin_accept = AbortOnDrop(tokio::spawn(Connections::accept_until(
             admin,
             crate::admin::router(Arc::clone(&app)),
             builder.clone(),
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
             },
-        ));
+        )));
 
         let started = Instant::now();
         let registry = Arc::clone(&app.registry);
@@ -461,7 +461,7 @@ impl Server {
         // acks, nacks and reads still served) instead of a refused connection.
         let linger = drain_linger(app.config.shutdown_grace());
         let mut lingered = app.shutdown.subscribe();
-        let data_accept = tokio::spawn(Connections::accept_until(
+        let mut data_accept = AbortOnDrop(tokio::spawn(Connections::accept_until(
             data,
             crate::api::router(Arc::clone(&app)),
             builder,
@@ -469,12 +469,12 @@ impl Server {
                 let _ = lingered.wait_for(|s| *s).await;
                 tokio::time::sleep(linger).await;
             },
-        ));
+        )));
         let _ = app.shutdown.subscribe().wait_for(|s| *s).await;
         let drain_started = Instant::now();
         app.start_shutdown();
         let grace = app.config.shutdown_grace();
-        let drained_in_time = match data_accept.await {
+        let drained_in_time = match (&mut data_accept.0).await {
             Ok(conns) => {
                 let in_time = conns.finish(grace.saturating_sub(drain_started.elapsed())).await;
                 if !in_time {
@@ -524,9 +524,20 @@ async fn close_queues(app: &App) -> Result<(), ServeError> {
 }
 
 /// Stops the admin listener (once the queues are closed: probes answer to the end).
-async fn finish_admin(admin_accept: tokio::task::JoinHandle<Connections>) {
-    if let Ok(conns) = admin_accept.await {
+async fn finish_admin(mut admin_accept: AbortOnDrop<Connections>) {
+    if let Ok(conns) = (&mut admin_accept.0).await {
         conns.finish(Duration::from_millis(500)).await;
+    }
+}
+
+/// A listener's task, aborted if [`Server::run`] is dropped before it ends
+/// (an embedder's `select!`, say): its connections, in the task's
+/// `JoinSet`, go with it, so nothing keeps serving a dropped server.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -536,11 +547,7 @@ fn drain_linger(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(2))
 }
 
-async fn stop_after_failure(
-    app: &App,
-    admin_accept: tokio::task::JoinHandle<Connections>,
-    e: ServeError,
-) -> ServeError {
+async fn stop_after_failure(app: &App, admin_accept: AbortOnDrop<Connections>, e: ServeError) -> ServeError {
     app.start_shutdown();
     let _ = close_queues(app).await;
     app.stopped.send_replace(true);

@@ -194,3 +194,27 @@ async fn a_stalled_client_cannot_stretch_the_drain_past_its_grace() -> TestResul
     assert_eq!(q.next_offset(), 1);
     Ok(())
 }
+
+/// An embedder that drops `Server::run` (a `select!`, an aborted task) stops
+/// the server: the listeners close and open connections are cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_run_stops_the_listeners_and_their_connections() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start_with(dir.path(), |_| {}).await;
+    s.produce("q", "x").await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut open = tokio::net::TcpStream::connect(&addr).await?;
+    open.write_all(b"GET /v1/queues HTTP/1.1\r\nHost: t\r\n").await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.task.abort();
+    let _ = s.task.await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), open.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a connection outlived the dropped server");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener still accepts after run() was dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
