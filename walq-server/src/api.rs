@@ -1038,6 +1038,7 @@ async fn create_consumer(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let req: CreateConsumer = json_body::<Option<CreateConsumer>>(&body(b)?)?.unwrap_or_default();
     let created = ensure_consumer(&e, &name, req.start.unwrap_or(StartSpec(walq::StartAt::Earliest))).await?;
@@ -1068,6 +1069,7 @@ async fn delete_consumer(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let _serial = e.consumers.lock().await;
     let q = Arc::clone(&e.queue);
@@ -1131,6 +1133,7 @@ async fn consumer_read(
     q: Result<Query<ReadQuery>, QueryRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("consumer", &name)?;
     let e = app.registry.existing(&queue)?;
     let q = query(q)?;
     let limits = ReadLimits::new(&app, &q);
@@ -1324,6 +1327,7 @@ async fn create_group(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
     let b = body(b)?;
     // An empty body, or JSON null: the defaults.
@@ -1437,6 +1441,7 @@ async fn fetch(
     q: Result<Query<FetchQuery>, QueryRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
     let q = query(q)?;
     let (group, opts, _) = open_group(&e, &name, None, true).await?;
@@ -1513,6 +1518,7 @@ async fn settle(
     q: Result<Query<SettleQuery>, QueryRejection>,
 ) -> ApiResult {
     let (queue, name, token, action) = path(p)?;
+    check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
     let q = query(q)?;
     let id = DeliveryId::from_token(&token).ok_or_else(|| {
@@ -1585,6 +1591,7 @@ async fn dead_letters(
     q: Result<Query<DeadLetterQuery>, QueryRejection>,
 ) -> ApiResult {
     let (queue, name) = path(p)?;
+    check_member_name("group", &name)?;
     let e = app.registry.existing(&queue)?;
     let q = query(q)?;
     let (group, _, _) = open_group(&e, &name, None, false).await?;

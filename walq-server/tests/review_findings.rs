@@ -194,11 +194,24 @@ async fn review_bad_consumer_name_is_400_everywhere() -> TestResult {
     let mut got = Vec::new();
     for (m, p) in [
         ("GET", "/v1/queues/q/consumers/.bad"),
+        ("PUT", "/v1/queues/q/consumers/.bad"),
+        ("DELETE", "/v1/queues/q/consumers/.bad"),
+        ("GET", "/v1/queues/q/consumers/.bad/records"),
         ("POST", "/v1/queues/q/consumers/.bad/commit"),
         ("GET", "/v1/queues/q/groups/.bad"),
+        ("PUT", "/v1/queues/q/groups/.bad"),
+        ("DELETE", "/v1/queues/q/groups/.bad"),
+        ("POST", "/v1/queues/q/groups/.bad/fetch"),
+        ("POST", "/v1/queues/q/groups/.bad/deliveries/0.1/ack"),
+        ("GET", "/v1/queues/q/groups/.bad/dead-letters"),
     ] {
-        let req =
-            if m == "GET" { s.http.get(s.url(p)) } else { s.http.post(s.url(p)).body("{\"offset\":0}") };
+        let req = match m {
+            "GET" => s.http.get(s.url(p)),
+            "PUT" => s.http.put(s.url(p)),
+            "DELETE" => s.http.delete(s.url(p)),
+            _ if p.ends_with("commit") => s.http.post(s.url(p)).body("{\"offset\":0}"),
+            _ => s.http.post(s.url(p)),
+        };
         let (st, v) = s.call(req).await;
         got.push((p, st, code(&v).to_string()));
     }
