@@ -247,18 +247,11 @@ pub fn run(args: &BenchArgs) -> CmdResult {
                       "sequential_mib_per_sec": disk.mib_per_sec },
             "workloads": rows.iter().map(|r| r.json.clone()).collect::<Vec<_>>(),
         });
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &v).map_err(std::io::Error::from)?;
-        std::io::Write::write_all(&mut out, b"\n")?;
-        return Ok(());
+        return print_json(&v);
     }
     let mut out = std::io::stdout().lock();
     use std::io::Write as _;
-    writeln!(
-        out,
-        "\nthe disk: 4 KiB write + fdatasync p50 {:.0} µs, p99 {:.0} µs; 1 MiB writes + fdatasync {:.0} MiB/s\n",
-        disk.sync.p50_us, disk.sync.p99_us, disk.mib_per_sec
-    )?;
+    writeln!(out, "\n{}\n", disk.summary_line())?;
     let mut table = vec![["workload", "walq", "the disk's limit", "ratio"].map(String::from).to_vec()];
     table.extend(rows.into_iter().map(|r| vec![r.name, r.walq, r.limit, r.ratio]));
     output::table(&mut out, &table, &[])?;
@@ -370,6 +363,24 @@ pub(crate) struct Disk {
 
 /// The disk's own limits, in the scratch directory: 4 KiB write + fdatasync
 /// (latency), then 1 MiB writes + fdatasync (bandwidth), each for about `d`.
+/// Prints `v` on stdout, pretty, with a final newline (the `--json` output).
+pub(crate) fn print_json(v: &serde_json::Value) -> CmdResult {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
+    std::io::Write::write_all(&mut out, b"\n")?;
+    Ok(())
+}
+
+impl Disk {
+    /// One line on what the disk measured, for the tables' heading.
+    pub(crate) fn summary_line(&self) -> String {
+        format!(
+            "the disk: 4 KiB write + fdatasync p50 {:.0} µs, p99 {:.0} µs; 1 MiB writes + fdatasync {:.0} MiB/s",
+            self.sync.p50_us, self.sync.p99_us, self.mib_per_sec
+        )
+    }
+}
+
 pub(crate) fn disk_limits(path: &std::path::Path, d: Duration) -> Result<Disk, Failure> {
     use std::io::Write;
     let io_err =

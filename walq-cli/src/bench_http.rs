@@ -525,18 +525,11 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
             "skipped": skipped,
             "targets": { "met": met, "missed": total - met },
         });
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &v).map_err(std::io::Error::from)?;
-        std::io::Write::write_all(&mut out, b"\n")?;
-        return Ok(());
+        return crate::bench::print_json(&v);
     }
     let mut out = std::io::stdout().lock();
     use std::io::Write as _;
-    writeln!(
-        out,
-        "\nthe disk: 4 KiB write + fdatasync p50 {:.0} µs, p99 {:.0} µs; 1 MiB writes + fdatasync {:.0} MiB/s",
-        disk.sync.p50_us, disk.sync.p99_us, disk.mib_per_sec
-    )?;
+    writeln!(out, "\n{}", disk.summary_line())?;
     writeln!(out, "CPUs: {split}\n")?;
     let mut table = vec![
         ["workload", "walq over HTTP", "the disk's limit", "CPU: server / bench (cores)", "target", "result"]

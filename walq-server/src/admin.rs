@@ -86,17 +86,28 @@ mod tests {
     use super::*;
     use walq::{Fault, FaultKind, FaultOp, SimDisk};
 
-    #[tokio::test]
-    async fn a_poisoned_queue_fails_livez_so_that_a_restart_recovers_it_and_readyz_stays() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A bound server's shared state, recovery marked done (nothing served).
+    async fn ready_app(dir: &std::path::Path) -> Arc<App> {
         let config = crate::Config {
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
         };
-        let server = crate::Server::bind(config).await.unwrap();
-        let app = server.ready_app_for_test();
+        crate::Server::bind(config).await.unwrap().ready_app_for_test()
+    }
+
+    /// The status and body text of a probe's answer.
+    async fn answer(response: Response) -> (StatusCode, String) {
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_queue_fails_livez_so_that_a_restart_recovers_it_and_readyz_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = ready_app(dir.path()).await;
         let disk = SimDisk::new(7);
         let queue = walq::Queue::builder("/sim/orders").simulated(&disk).open().unwrap();
         queue.append(b"kept").unwrap();
@@ -108,10 +119,8 @@ mod tests {
         let entry = app.registry.get("orders").unwrap();
         assert!(entry.queue.append(b"lost").is_err());
         assert!(entry.queue.is_poisoned());
-        let response = livez(State(Arc::clone(&app))).await;
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
-        let text = String::from_utf8_lossy(&body);
+        let (status, text) = answer(livez(State(Arc::clone(&app))).await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(text.contains("poisoned: orders") && text.contains("restart"), "{text}");
         // The pod's readiness is the application's too: unchanged.
         assert_eq!(readyz(State(Arc::clone(&app))).await.status(), StatusCode::OK);
@@ -120,14 +129,7 @@ mod tests {
     #[tokio::test]
     async fn a_poisoned_dead_letter_queue_fails_livez_too() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::Config {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
-        let server = crate::Server::bind(config).await.unwrap();
-        let app = server.ready_app_for_test();
+        let app = ready_app(dir.path()).await;
         let disk = SimDisk::new(8);
         let queue = walq::Queue::builder("/sim/jobs").simulated(&disk).open().unwrap();
         queue.append(b"poison").unwrap();
@@ -144,10 +146,8 @@ mod tests {
         assert!(group.term(delivery.id()).is_err());
         assert!(group.dead_letters().unwrap().is_poisoned());
         assert!(!entry.queue.is_poisoned());
-        let response = livez(State(Arc::clone(&app))).await;
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = axum::body::to_bytes(response.into_body(), 1 << 10).await.unwrap();
-        let text = String::from_utf8_lossy(&body);
+        let (status, text) = answer(livez(State(Arc::clone(&app))).await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(text.contains("jobs/dead-letters/workers"), "{text}");
     }
 }
