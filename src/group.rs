@@ -332,8 +332,7 @@ impl DeliveryId {
     /// [`from_token`](DeliveryId::from_token) reads it back. The incarnation
     /// is drawn at random when the group is opened, so a token from before a
     /// restart, or from a deleted group of the same name, never names a later
-    /// delivery: it is [`Error::DeliveryNotPending`] (an ack, which settles
-    /// by offset, still settles the record).
+    /// delivery: it is [`Error::DeliveryNotPending`], for an ack too.
     ///
     /// ```
     /// let dir = tempfile::tempdir()?;
@@ -347,27 +346,23 @@ impl DeliveryId {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn to_token(&self) -> String {
-        let (count, incarnation) = (self.seq & u64::from(u32::MAX), self.seq >> 32);
-        if incarnation == 0 {
-            format!("{}.{count}", self.offset)
-        } else {
-            format!("{}.{count}.{incarnation}", self.offset)
-        }
+        format!("{}.{}.{}", self.offset, self.seq & u64::from(u32::MAX), self.incarnation())
+    }
+
+    /// The opening of the group that made this delivery.
+    fn incarnation(&self) -> u32 {
+        (self.seq >> 32) as u32
     }
 
     /// Reads a token made by [`to_token`](DeliveryId::to_token); `None` for
-    /// anything else (two or three decimal numbers joined by `.`, no signs,
-    /// no spaces: an offset fitting a `u64`, then numbers fitting a `u32`).
+    /// anything else (three decimal numbers joined by `.`, no signs, no
+    /// spaces: an offset fitting a `u64`, then two numbers fitting a `u32`).
     pub fn from_token(token: &str) -> Option<DeliveryId> {
         let mut parts = token.split('.');
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         let offset = parts.next().filter(|s| digits(s))?.parse::<u64>().ok()?;
         let count = parts.next().filter(|s| digits(s))?.parse::<u32>().ok()?;
-        let incarnation = match parts.next() {
-            Some(s) if digits(s) => s.parse::<u32>().ok()?,
-            Some(_) => return None,
-            None => 0,
-        };
+        let incarnation = parts.next().filter(|s| digits(s))?.parse::<u32>().ok()?;
         if parts.next().is_some() {
             return None;
         }
@@ -546,12 +541,19 @@ impl Group {
     /// Acknowledges a delivery: the record is done and never delivered again.
     /// Acknowledging a record already done is a no-op; so is a late ack of a
     /// delivery that was redelivered after its ack wait (the record counts
-    /// as processed). Errors only for an offset never delivered.
+    /// as processed). [`Error::DeliveryNotPending`] for an offset never
+    /// delivered, and for an id of another opening of the group (from before
+    /// a reopen or a restart, or of a deleted group of the same name): its
+    /// record is redelivered instead (at least once), never settled by a
+    /// worker of another group.
     pub fn ack(&self, id: DeliveryId) -> Result<()> {
         let mut st = self.lock();
         let o = id.offset;
         if o < st.floor || st.done.contains(&o) {
             return Ok(());
+        }
+        if id.incarnation() != st.incarnation {
+            return Err(Error::DeliveryNotPending { offset: o });
         }
         let mut freed = false;
         if let Some(f) = st.inflight.remove(&o) {
@@ -942,7 +944,7 @@ mod tests {
 
     #[test]
     fn delivery_token_round_trips_and_rejects_anything_else() {
-        for (offset, seq) in [(0, 0), (7, 1), (7, (9 << 32) | 2), (u64::MAX, u64::MAX)] {
+        for (offset, seq) in [(0, 0), (7, 1 << 32), (7, (9 << 32) | 2), (u64::MAX, u64::MAX)] {
             let id = DeliveryId { offset, seq };
             assert_eq!(DeliveryId::from_token(&id.to_token()), Some(id));
         }
@@ -953,6 +955,7 @@ mod tests {
             "1",
             "1.",
             ".1",
+            "1.2",
             "1.2.3.4",
             "1.2.",
             "1..3",

@@ -298,6 +298,8 @@ fn a_delivery_token_from_before_a_reopen_never_names_a_later_delivery() {
     let stale = walq::DeliveryId::from_token(&old).unwrap();
     assert!(matches!(group.nack(stale, Z), Err(Error::DeliveryNotPending { .. })));
     assert!(matches!(group.term(stale), Err(Error::DeliveryNotPending { .. })));
+    // An ack too: the stale holder's work does not settle the new delivery.
+    assert!(matches!(group.ack(stale), Err(Error::DeliveryNotPending { .. })));
     // The current delivery is untouched by the stale token and settles normally.
     assert_eq!(group.info().pending, 1);
     group.term(d.id()).unwrap();

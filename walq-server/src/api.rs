@@ -201,7 +201,7 @@ struct GroupPath {
 #[allow(dead_code)]
 struct DeliveryPath {
     /// A delivery id, as a fetch returned it.
-    #[param(pattern = "^[0-9]{1,20}\\.[0-9]{1,10}(\\.[0-9]{1,10})?$")]
+    #[param(pattern = "^[0-9]{1,20}\\.[0-9]{1,10}\\.[0-9]{1,10}$")]
     id: String,
     /// `ack`: done; `nack`: redeliver after `delay_ms`; `in-progress`: restart
     /// the ack wait; `term`: straight to the dead letters.

@@ -239,7 +239,15 @@ impl ApiError {
 impl From<walq::Error> for ApiError {
     fn from(e: walq::Error) -> ApiError {
         use walq::Error as E;
-        let message = e.to_string();
+        let message = match &e {
+            // The library's message points at its own API; say the HTTP one.
+            E::UnknownConsumer { kind, name } => {
+                format!(
+                    "no {kind} named {name:?} exists in this queue; list them with GET /v1/queues/{{queue}}/{kind}s"
+                )
+            }
+            _ => e.to_string(),
+        };
         let (status, code) = match &e {
             E::Locked { .. } => (StatusCode::CONFLICT, "locked"),
             E::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),

@@ -203,8 +203,11 @@ async fn an_id_from_a_deleted_group_never_settles_a_delivery_of_the_new_one() ->
     let (_, v) = s.post_json("/v1/queues/q/groups/g/fetch", json!(null)).await;
     let new = v["deliveries"][0]["id"].as_str().unwrap().to_string();
     assert_ne!(old, new);
-    let (st, v) = s.post_json(&format!("/v1/queues/q/groups/g/deliveries/{old}/term"), json!(null)).await;
-    assert_eq!((st, code(&v)), (409, "delivery_not_pending"), "{v}");
+    for action in ["term", "ack", "nack", "in-progress"] {
+        let (st, v) =
+            s.post_json(&format!("/v1/queues/q/groups/g/deliveries/{old}/{action}"), json!(null)).await;
+        assert_eq!((st, code(&v)), (409, "delivery_not_pending"), "{action}: {v}");
+    }
     let (st, v) = s.post_json(&format!("/v1/queues/q/groups/g/deliveries/{new}/nack"), json!(null)).await;
     assert_eq!(st, 200, "the owner's nack: {v}");
     s.stop().await;

@@ -290,9 +290,9 @@ async fn groups_ack_nack_term_and_dead_letters() -> TestResult {
     // Errors of the delivery API.
     let (status, v) = s.post_json(&settle("nonsense".into(), "ack"), json!(null)).await;
     assert_eq!((status, code(&v)), (400, "invalid_delivery_id"));
-    let (status, v) = s.post_json("/v1/queues/jobs/groups/nobody/deliveries/0.1/ack", json!(null)).await;
+    let (status, v) = s.post_json("/v1/queues/jobs/groups/nobody/deliveries/0.1.1/ack", json!(null)).await;
     assert_eq!((status, code(&v)), (404, "unknown_group"));
-    let (status, v) = s.post_json(&settle("0.1".into(), "explode"), json!(null)).await;
+    let (status, v) = s.post_json(&settle("0.1.1".into(), "explode"), json!(null)).await;
     assert_eq!((status, code(&v)), (404, "no_route"));
     let (status, v) = s.put_json("/v1/queues/jobs/groups/bad", json!({"prefetch": 0})).await;
     assert_eq!((status, code(&v)), (400, "invalid_option"));

@@ -202,7 +202,7 @@ async fn review_bad_consumer_name_is_400_everywhere() -> TestResult {
         ("PUT", "/v1/queues/q/groups/.bad"),
         ("DELETE", "/v1/queues/q/groups/.bad"),
         ("POST", "/v1/queues/q/groups/.bad/fetch"),
-        ("POST", "/v1/queues/q/groups/.bad/deliveries/0.1/ack"),
+        ("POST", "/v1/queues/q/groups/.bad/deliveries/0.1.1/ack"),
         ("GET", "/v1/queues/q/groups/.bad/dead-letters"),
     ] {
         let req = match m {
