@@ -95,6 +95,46 @@ pub struct HttpOptions {
     /// With --http: how the server and the load generator share the CPUs.
     #[arg(long, value_enum, value_name = "SPLIT", default_value_t = CpuSplit::Pinned)]
     cpus: CpuSplit,
+    /// With --http: the workloads to run (default: all), e.g. `--workloads request-reply`
+    /// to repeat one while tuning.
+    #[arg(long, value_enum, value_name = "NAME,...", value_delimiter = ',',
+          default_values_t = Workload::ALL)]
+    workloads: Vec<Workload>,
+}
+
+/// One workload of `walq bench --http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Durable produce, one run per `--clients` entry.
+    Produce,
+    /// Batch produce.
+    Batch,
+    /// Produce → group fetch (long-poll) → ack.
+    EndToEnd,
+    /// Request/reply through a group of prefetch 1.
+    RequestReply,
+    /// Cold starts to /readyz (empty, and a `--startup-log-bytes` log).
+    ColdStart,
+    /// Resident memory with `--idle-long-polls` idle long-polls.
+    Memory,
+}
+
+impl Workload {
+    const ALL: [Workload; 6] = [
+        Workload::Produce,
+        Workload::Batch,
+        Workload::EndToEnd,
+        Workload::RequestReply,
+        Workload::ColdStart,
+        Workload::Memory,
+    ];
+}
+
+impl Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.to_possible_value().ok_or(std::fmt::Error)?;
+        f.write_str(v.get_name())
+    }
 }
 
 /// How the spawned server and the load generator share the CPUs.
@@ -254,8 +294,9 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
     let value = Bytes::from(vec![b'x'; args.record_size]);
     let mut rows: Vec<Row> = Vec::new();
     let dh = durability_header;
+    let runs = |w: Workload| o.workloads.contains(&w);
 
-    for &clients in &o.clients {
+    for &clients in o.clients.iter().filter(|_| runs(Workload::Produce)) {
         say(&format!("durable produce, {clients} client{}", plural(clients)));
         let q = format!("{prefix}-produce-{clients}");
         let (s, per_flush, cpu) = rt.block_on(async {
@@ -319,7 +360,7 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
         });
     }
 
-    {
+    if runs(Workload::Batch) {
         let (clients, per_batch) = (o.batch_clients, o.batch_records);
         say(&format!("batch produce, {clients} clients × {per_batch} records"));
         let q = format!("{prefix}-batch");
@@ -372,55 +413,62 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
         });
     }
 
-    say("produce → group fetch (long-poll) → ack");
-    let q = format!("{prefix}-e2e");
-    let size = args.record_size.max(STAMP_LEN + 1);
-    let (s, per_flush, cpu) = rt.block_on(async {
-        let before = counters(&target, &q).await?;
-        let cpu = CpuMeter::start(&target, hz);
-        let s = end_to_end(&target, &q, size, d, dh).await?;
-        let cpu = cpu.stop(s.count);
-        let after = counters(&target, &q).await?;
-        Ok::<_, Failure>((s, per_flush_of(before, after), cpu))
-    })?;
-    rows.push(Row {
-        name: "produce → group fetch".into(),
-        figure: format!(
-            "p50 {:.0} µs, p99 {:.0} µs ({} records, {} records/fdatasync)",
-            s.p50_us,
-            s.p99_us,
-            s.count,
-            opt(per_flush)
-        ),
-        limit: format!("fdatasync p50 {fsync_p50:.0} µs"),
-        targets: if sync { vec![Check::new("p50 ≤ 1 ms", s.p50_us <= 1_000.0)] } else { Vec::new() },
-        json: json!({ "name": "end_to_end_group", "records": s.count, "p50_us": s.p50_us, "p99_us": s.p99_us,
-                      "records_per_fdatasync": per_flush, "disk_fdatasync_p50_us": fsync_p50,
-                      "latency_ratio": s.p50_us / fsync_p50.max(1e-9), "cpu": cpu.json() }),
-        cpu: Some(cpu),
-    });
+    if runs(Workload::EndToEnd) {
+        say("produce → group fetch (long-poll) → ack");
+        let q = format!("{prefix}-e2e");
+        let size = args.record_size.max(STAMP_LEN + 1);
+        let (s, per_flush, cpu) = rt.block_on(async {
+            let before = counters(&target, &q).await?;
+            let cpu = CpuMeter::start(&target, hz);
+            let s = end_to_end(&target, &q, size, d, dh).await?;
+            let cpu = cpu.stop(s.count);
+            let after = counters(&target, &q).await?;
+            Ok::<_, Failure>((s, per_flush_of(before, after), cpu))
+        })?;
+        rows.push(Row {
+            name: "produce → group fetch".into(),
+            figure: format!(
+                "p50 {:.0} µs, p99 {:.0} µs ({} records, {} records/fdatasync)",
+                s.p50_us,
+                s.p99_us,
+                s.count,
+                opt(per_flush)
+            ),
+            limit: format!("fdatasync p50 {fsync_p50:.0} µs"),
+            targets: if sync { vec![Check::new("p50 ≤ 1 ms", s.p50_us <= 1_000.0)] } else { Vec::new() },
+            json: json!({ "name": "end_to_end_group", "records": s.count, "p50_us": s.p50_us, "p99_us": s.p99_us,
+                          "records_per_fdatasync": per_flush, "disk_fdatasync_p50_us": fsync_p50,
+                          "latency_ratio": s.p50_us / fsync_p50.max(1e-9), "cpu": cpu.json() }),
+            cpu: Some(cpu),
+        });
+    }
 
-    say("request/reply (a group of prefetch 1 answers)");
-    let (s, cpu) = rt.block_on(async {
-        let cpu = CpuMeter::start(&target, hz);
-        let s = request_reply(&target, &prefix, &value, d, dh).await?;
-        Ok::<_, Failure>((s, cpu.stop(s.count)))
-    })?;
-    let limit = 2.0 * fsync_p50 + 300.0;
-    rows.push(Row {
-        name: "request/reply round trip".into(),
-        figure: format!("{:.0}/s, p50 {:.0} µs, p99 {:.0} µs", s.per_sec, s.p50_us, s.p99_us),
-        limit: format!("2 fdatasyncs: {:.0} µs", 2.0 * fsync_p50),
-        targets: if sync {
-            vec![Check::new(format!("p50 ≤ 2 × fdatasync p50 + 300 µs = {limit:.0} µs"), s.p50_us <= limit)]
-        } else {
-            Vec::new()
-        },
-        json: json!({ "name": "request_reply", "round_trips": s.count, "per_sec": s.per_sec,
-                      "p50_us": s.p50_us, "p99_us": s.p99_us, "disk_fdatasync_p50_us": fsync_p50,
-                      "latency_ratio": s.p50_us / (2.0 * fsync_p50).max(1e-9), "cpu": cpu.json() }),
-        cpu: Some(cpu),
-    });
+    if runs(Workload::RequestReply) {
+        say("request/reply (a group of prefetch 1 answers)");
+        let (s, cpu) = rt.block_on(async {
+            let cpu = CpuMeter::start(&target, hz);
+            let s = request_reply(&target, &prefix, &value, d, dh).await?;
+            Ok::<_, Failure>((s, cpu.stop(s.count)))
+        })?;
+        let limit = 2.0 * fsync_p50 + 300.0;
+        rows.push(Row {
+            name: "request/reply round trip".into(),
+            figure: format!("{:.0}/s, p50 {:.0} µs, p99 {:.0} µs", s.per_sec, s.p50_us, s.p99_us),
+            limit: format!("2 fdatasyncs: {:.0} µs", 2.0 * fsync_p50),
+            targets: if sync {
+                vec![Check::new(
+                    format!("p50 ≤ 2 × fdatasync p50 + 300 µs = {limit:.0} µs"),
+                    s.p50_us <= limit,
+                )]
+            } else {
+                Vec::new()
+            },
+            json: json!({ "name": "request_reply", "round_trips": s.count, "per_sec": s.per_sec,
+                          "p50_us": s.p50_us, "p99_us": s.p99_us, "disk_fdatasync_p50_us": fsync_p50,
+                          "latency_ratio": s.p50_us / (2.0 * fsync_p50).max(1e-9), "cpu": cpu.json() }),
+            cpu: Some(cpu),
+        });
+    }
 
     // The workloads' server is no longer needed: stop it before the others start.
     if let Some(mut s) = server.take() {
@@ -435,48 +483,53 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
             eprintln!("  skipped with --url: cold start and memory (they need a server the bench starts)");
         }
     } else {
-        say(&format!("cold start, empty data directory ({COLD_STARTS} starts)"));
-        let starts = cold_starts(&rt, &exe, &root.join("cold-empty"), pinned, &root.join("cold-empty.log"))?;
-        let ms = median(&starts);
-        rows.push(Row {
-            name: "cold start, empty".into(),
-            figure: format!("{ms:.1} ms to /readyz 200 (median of {COLD_STARTS})"),
-            limit: "-".into(),
-            targets: vec![Check::new("≤ 50 ms", ms <= 50.0)],
-            json: json!({ "name": "cold_start_empty", "ms": ms, "starts_ms": starts }),
-            cpu: None,
-        });
-
-        if o.startup_log_bytes == 0 {
-            skipped.push("cold_start_log");
+        if !runs(Workload::ColdStart) {
+            skipped.extend(["cold_start_empty", "cold_start_log"]);
         } else {
-            let bytes = o.startup_log_bytes;
-            say(&format!("writing a {} log with the library (os durability)", output::size(bytes)));
-            let data_dir = root.join("cold-log");
-            let (records, write_secs) = make_log(&data_dir.join("log"), bytes, args.record_size.max(1))?;
-            say(&format!("cold start, {} log ({COLD_STARTS} starts)", output::size(bytes)));
-            let starts = cold_starts(&rt, &exe, &data_dir, pinned, &root.join("cold-log.log"))?;
+            say(&format!("cold start, empty data directory ({COLD_STARTS} starts)"));
+            let starts =
+                cold_starts(&rt, &exe, &root.join("cold-empty"), pinned, &root.join("cold-empty.log"))?;
             let ms = median(&starts);
             rows.push(Row {
-                name: format!("cold start, {} log", output::size(bytes)),
-                figure: format!("{ms:.1} ms to /readyz 200 (median of {COLD_STARTS}; {records} records)"),
+                name: "cold start, empty".into(),
+                figure: format!("{ms:.1} ms to /readyz 200 (median of {COLD_STARTS})"),
                 limit: "-".into(),
-                targets: vec![Check::new(
-                    if bytes == 1 << 30 {
-                        "≤ 100 ms (1 GiB)".to_string()
-                    } else {
-                        format!("≤ 100 ms (the target is for 1 GiB; this log is {})", output::size(bytes))
-                    },
-                    ms <= 100.0,
-                )],
-                json: json!({ "name": "cold_start_log", "ms": ms, "starts_ms": starts, "log_bytes": bytes,
-                              "records": records, "log_write_secs": write_secs }),
+                targets: vec![Check::new("≤ 50 ms", ms <= 50.0)],
+                json: json!({ "name": "cold_start_empty", "ms": ms, "starts_ms": starts }),
                 cpu: None,
             });
-            std::fs::remove_dir_all(&data_dir).map_err(|e| fail(format!("removing the log: {e}")))?;
+
+            if o.startup_log_bytes == 0 {
+                skipped.push("cold_start_log");
+            } else {
+                let bytes = o.startup_log_bytes;
+                say(&format!("writing a {} log with the library (os durability)", output::size(bytes)));
+                let data_dir = root.join("cold-log");
+                let (records, write_secs) = make_log(&data_dir.join("log"), bytes, args.record_size.max(1))?;
+                say(&format!("cold start, {} log ({COLD_STARTS} starts)", output::size(bytes)));
+                let starts = cold_starts(&rt, &exe, &data_dir, pinned, &root.join("cold-log.log"))?;
+                let ms = median(&starts);
+                rows.push(Row {
+                    name: format!("cold start, {} log", output::size(bytes)),
+                    figure: format!("{ms:.1} ms to /readyz 200 (median of {COLD_STARTS}; {records} records)"),
+                    limit: "-".into(),
+                    targets: vec![Check::new(
+                        if bytes == 1 << 30 {
+                            "≤ 100 ms (1 GiB)".to_string()
+                        } else {
+                            format!("≤ 100 ms (the target is for 1 GiB; this log is {})", output::size(bytes))
+                        },
+                        ms <= 100.0,
+                    )],
+                    json: json!({ "name": "cold_start_log", "ms": ms, "starts_ms": starts, "log_bytes": bytes,
+                                  "records": records, "log_write_secs": write_secs }),
+                    cpu: None,
+                });
+                std::fs::remove_dir_all(&data_dir).map_err(|e| fail(format!("removing the log: {e}")))?;
+            }
         }
 
-        if o.idle_long_polls == 0 {
+        if o.idle_long_polls == 0 || !runs(Workload::Memory) {
             skipped.push("idle_long_polls_memory");
         } else {
             let n = o.idle_long_polls;
@@ -513,7 +566,7 @@ pub fn run(args: &BenchArgs, d: Duration) -> CmdResult {
             "config": { "mode": "http", "record_size": args.record_size, "duration_secs": args.duration,
                         "durability": dh, "clients": o.clients, "batch_clients": o.batch_clients,
                         "batch_records": o.batch_records, "startup_log_bytes": o.startup_log_bytes,
-                        "idle_long_polls": o.idle_long_polls, "server": o.url.clone().unwrap_or_else(|| "spawned".into()),
+                        "idle_long_polls": o.idle_long_polls, "workloads": o.workloads.iter().map(ToString::to_string).collect::<Vec<_>>(), "server": o.url.clone().unwrap_or_else(|| "spawned".into()),
                         "cpus": cpus, "pinned": pinned, "cpu_split": split, "notes": notes },
             "disk": { "fdatasync_4k_p50_us": disk.sync.p50_us, "fdatasync_4k_p99_us": disk.sync.p99_us,
                       "sequential_mib_per_sec": disk.mib_per_sec },
