@@ -29,11 +29,15 @@ pub(crate) struct Segment {
     end: AtomicU64,
     /// Retention removed it: readers still inside may map it, nothing caches it.
     removed: std::sync::atomic::AtomicBool,
-    /// Bytes of the file that hold written data: the only bytes ever mapped,
-    /// so a map never covers bytes the writer may still change (grows while
-    /// active; preallocated zeros past it stay unmapped).
+    /// Bytes of the file that hold written data: the only bytes a map ever
+    /// exposes, so no slice covers bytes the writer may still change (grows
+    /// while active; the preallocated zeros past it are mapped, to be exposed
+    /// by a wider view once written, but never read before).
     data_len: AtomicU64,
     map: Mutex<Option<Arc<Map>>>,
+    /// A read handle of the file while active, shared by the readers at the
+    /// tail (each new reader would otherwise open the file); dropped at seal.
+    handle: Mutex<Option<Arc<dyn StorageFile>>>,
     /// File length once sealed and counted in [`Log::total_bytes`] (0: not counted).
     size: AtomicU64,
     /// The time index: kept by the writer while active, loaded (or rebuilt)
@@ -82,6 +86,7 @@ impl Segment {
             removed: std::sync::atomic::AtomicBool::new(false),
             data_len: AtomicU64::new(data_len),
             map: Mutex::new(None),
+            handle: Mutex::new(None),
             size: AtomicU64::new(0),
             time: Mutex::new(TimeSlot::Unknown),
             active_index: RwLock::new(active_index),
@@ -100,6 +105,7 @@ impl Segment {
         // Readers keep the maps they hold; the next one maps the sealed file
         // afresh and goes through the bounded cache.
         self.map.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Records that bytes below `len` are written (before they are published).
@@ -481,10 +487,22 @@ impl Log {
         via: Option<&Arc<dyn StorageFile>>,
     ) -> Result<Arc<Map>> {
         let mut cached = seg.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = cached.as_ref()
-            && m.len() as u64 >= min_len
-        {
-            return Ok(Arc::clone(m));
+        if let Some(m) = cached.as_ref() {
+            if m.len() as u64 >= min_len {
+                return Ok(Arc::clone(m));
+            }
+            // An active segment that grew within what the map already covers
+            // (the file is mapped ahead, preallocated zeros included): a wider
+            // view of the same mapping, no syscall.
+            let written = seg.data_len.load(Ordering::Acquire);
+            if seg.end() == OPEN_END
+                && written >= min_len
+                && let Some(g) = usize::try_from(written).ok().and_then(|w| m.grown(w))
+            {
+                let g = Arc::new(g);
+                cached.replace(Arc::clone(&g));
+                return Ok(g);
+            }
         }
         let file = match via {
             Some(f) => Arc::clone(f),
@@ -520,6 +538,20 @@ impl Log {
     /// A read handle of a segment file.
     pub(crate) fn open_segment(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>> {
         self.storage.open_read(&seg.path).map_err(|e| Error::io("open", &seg.path, e))
+    }
+
+    /// A read handle of the active segment's file, opened once and shared
+    /// while the segment is active (a reader keeps its clone after the seal).
+    pub(crate) fn active_handle(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>> {
+        let mut cached = seg.handle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = cached.as_ref() {
+            return Ok(Arc::clone(h));
+        }
+        let h = self.open_segment(seg)?;
+        if seg.end() == OPEN_END {
+            cached.replace(Arc::clone(&h));
+        }
+        Ok(h)
     }
 
     /// Notes a newly cached sealed segment; evicts the oldest past the bound.

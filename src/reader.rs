@@ -150,7 +150,7 @@ impl Reader {
             }
             // Open first, map second: the handle then sees whatever the map saw.
             self.file =
-                if seg.end() == crate::log::OPEN_END { Some(self.log.open_segment(&seg)?) } else { None };
+                if seg.end() == crate::log::OPEN_END { Some(self.log.active_handle(&seg)?) } else { None };
             let map = self.log.map(&seg, 0, self.file.as_ref())?;
             self.current = Some((seg, map));
             self.next_batch = None;
