@@ -50,7 +50,10 @@ enum Bytes {
     /// Mapping zero bytes is an error for mmap(2), and needs no syscall anyway.
     Empty,
     /// The whole file as it was when mapped; the first `len` bytes exposed.
-    Mapped { raw: Arc<memmap2::MmapRaw>, len: usize },
+    Mapped {
+        raw: Arc<memmap2::MmapRaw>,
+        len: usize,
+    },
     Owned(Vec<u8>),
 }
 
