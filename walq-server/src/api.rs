@@ -40,6 +40,9 @@ use crate::server::App;
 
 /// How long one blocking group fetch waits before it checks for shutdown.
 const FETCH_SLICE: Duration = Duration::from_millis(100);
+/// A long-poll woken by new records reads them on the runtime thread when at
+/// most this many are visible past its offset (else on the blocking pool).
+const INLINE_READ_RECORDS: u64 = 64;
 /// Most records in one batch request.
 pub const BATCH_RECORDS_MAX: usize = 10_000;
 
@@ -828,9 +831,21 @@ async fn read_waiting(
     let deadline = Instant::now() + limits.wait;
     let mut permit = None;
     let mut shutdown = app.shutdown.subscribe();
+    let mut woken = false;
     loop {
-        let (q, max, max_bytes) = (Arc::clone(&queue), limits.max, limits.max_bytes);
-        let got = blocking(move || read_some(&q, from, max, max_bytes).map_err(ApiError::from)).await?;
+        let (max, max_bytes) = (limits.max, limits.max_bytes);
+        // Woken for records that just became visible: they were written
+        // moments ago (in the page cache, through the tail's cached map), so
+        // a few are read right here, sparing the wake-up a hop through the
+        // blocking pool; anything else (a first read, which may touch cold
+        // segments, or a long run of records) goes to the blocking pool.
+        let hot = woken && queue.visible_offset().saturating_sub(from) <= INLINE_READ_RECORDS;
+        let got = if hot {
+            read_some(&queue, from, max, max_bytes).map_err(ApiError::from)?
+        } else {
+            let q = Arc::clone(&queue);
+            blocking(move || read_some(&q, from, max, max_bytes).map_err(ApiError::from)).await?
+        };
         let now = Instant::now();
         if !got.0.is_empty() || now >= deadline || app.is_draining() {
             return Ok(got);
@@ -840,11 +855,11 @@ async fn read_waiting(
         }
         // Woken exactly when a record at `from` becomes visible (by any
         // append: through this server or not, `sync`, `os` or `interval`).
-        tokio::select! {
-            _ = queue.wait_visible_async(from) => {}
-            _ = tokio::time::sleep(deadline - now) => {}
-            _ = shutdown.wait_for(|s| *s) => {}
-        }
+        woken = tokio::select! {
+            _ = queue.wait_visible_async(from) => true,
+            _ = tokio::time::sleep(deadline - now) => false,
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
     }
 }
 
