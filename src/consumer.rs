@@ -198,8 +198,11 @@ impl Consumer {
         if matches!(durability, Durability::Interval(_)) {
             self.core.ensure_housekeeping()?;
         }
-        self.core.journal.record(&[Entry::Commit { name: self.name.clone(), offset }], durability)?;
-        if matches!(durability, Durability::Interval(_)) {
+        let tell_housekeeper = self
+            .core
+            .journal
+            .record_scheduling(&[Entry::Commit { name: self.name.clone(), offset }], durability)?;
+        if tell_housekeeper {
             self.core.housekeeping_due();
         }
         self.core.retention_due();

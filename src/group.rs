@@ -567,15 +567,15 @@ impl Group {
         st.mark_done(o);
         st.stats.acked += 1;
         let durability = self.shared.opts.ack_durability;
-        self.shared
-            .core
-            .journal
-            .record(&[Entry::Done { name: self.shared.name.clone(), offsets: vec![o] }], durability)?;
+        let tell_housekeeper = self.shared.core.journal.record_scheduling(
+            &[Entry::Done { name: self.shared.name.clone(), offsets: vec![o] }],
+            durability,
+        )?;
         drop(st);
         if freed {
             self.changed();
         }
-        if matches!(durability, Durability::Interval(_)) {
+        if tell_housekeeper {
             self.shared.core.housekeeping_due();
         }
         Ok(())

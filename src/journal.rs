@@ -543,6 +543,15 @@ impl Journal {
     /// fdatasyncs before returning, `Os` writes, `Interval` buffers (the
     /// queue's maintenance thread writes and syncs it within the interval).
     pub(crate) fn record(&self, entries: &[Entry], durability: Durability) -> Result<()> {
+        self.record_scheduling(entries, durability).map(|_| ())
+    }
+
+    /// [`record`](Journal::record), saying whether the maintenance thread
+    /// must be told: true when `Interval` entries moved the sync deadline
+    /// earlier (none was pending, or this one is sooner). A deadline already
+    /// pending was seen by the thread, or told by whoever set it, so an ack
+    /// per delivery wakes that thread once per interval, not once per ack.
+    pub(crate) fn record_scheduling(&self, entries: &[Entry], durability: Durability) -> Result<bool> {
         let mut inner = self.lock();
         for e in entries {
             inner.image.apply(e);
@@ -568,12 +577,15 @@ impl Journal {
             }
         }
         match durability {
-            Durability::Sync => self.write_out(&mut inner, true),
-            Durability::Os => self.write_out(&mut inner, false),
+            Durability::Sync => self.write_out(&mut inner, true).map(|()| false),
+            Durability::Os => self.write_out(&mut inner, false).map(|()| false),
             Durability::Interval(d) => {
                 let due = std::time::Instant::now() + d;
-                inner.due = Some(inner.due.map_or(due, |t| t.min(due)));
-                Ok(())
+                let sooner = inner.due.is_none_or(|t| due < t);
+                if sooner {
+                    inner.due = Some(due);
+                }
+                Ok(sooner)
             }
         }
     }

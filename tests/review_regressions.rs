@@ -179,6 +179,46 @@ fn control_interval_acks_are_synced_by_the_housekeeping_thread() {
     assert_eq!(queue.groups()[0].ack_floor, 1);
 }
 
+/// Only an ack that moves the sync deadline earlier wakes the housekeeping
+/// thread; the acks behind it ride on the deadline already pending. A steady
+/// stream of acks is still synced within each interval, the last ones too.
+#[test]
+fn a_stream_of_interval_acks_is_synced_within_the_interval() {
+    let disk = SimDisk::new(1);
+    let queue = sim(&disk);
+    fill(&queue, 40);
+    let group = queue.group("g").open().unwrap(); // acks: Interval(100 ms)
+    let mut w = group.worker();
+    for _ in 0..40 {
+        let d = w.fetch(1, Z).unwrap().remove(0);
+        w.ack(d.id()).unwrap();
+        std::thread::sleep(Duration::from_millis(7)); // ~14 acks per interval
+    }
+    std::thread::sleep(Duration::from_millis(600)); // the last ack's interval, with room
+    disk.crash_lose_unsynced();
+    std::mem::forget((w, group, queue)); // a dead process runs no destructors
+    let queue = sim(&disk);
+    assert_eq!(queue.groups()[0].ack_floor, 40, "acks made 600 ms before the power cut were lost");
+}
+
+/// The same for a consumer's `Interval` commits.
+#[test]
+fn a_stream_of_interval_commits_is_synced_within_the_interval() {
+    let disk = SimDisk::new(1);
+    let queue = sim(&disk);
+    fill(&queue, 40);
+    let mut c = queue.consumer("c").unwrap();
+    for o in 1..=40 {
+        c.commit_with(o, walq::Durability::Interval(Duration::from_millis(100))).unwrap();
+        std::thread::sleep(Duration::from_millis(7));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    disk.crash_lose_unsynced();
+    std::mem::forget((c, queue));
+    let queue = sim(&disk);
+    assert_eq!(queue.consumers()[0].position, 40, "commits made 600 ms before the power cut were lost");
+}
+
 /// Dropping the Queue stops the housekeeping thread while groups (and
 /// consumers) live on: their `Interval` acks/commits are never synced (nor
 /// even written) until the last handle goes.
