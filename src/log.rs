@@ -506,6 +506,7 @@ impl Log {
         }
         let file = match via {
             Some(f) => Arc::clone(f),
+            None if seg.end() == OPEN_END => self.active_handle(seg)?,
             None => self.open_segment(seg)?,
         };
         // A sealed segment is never written again: all of it may be mapped.
