@@ -1470,28 +1470,31 @@ async fn fetch(
     // fetch stops within a slice and hands back what it took.
     let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancelled));
-    let g = group.clone();
     let c = Arc::clone(&cancelled);
-    let mut deliveries = blocking(move || fetch_bounded(&g, max, budget, Duration::ZERO, &c)).await?;
-    if deliveries.is_empty() && !wait.is_zero() && !app.is_draining() {
-        let _permit = app.long_poll_permit()?;
-        let draining = app.draining_flag();
-        let c = Arc::clone(&cancelled);
-        deliveries = blocking(move || {
-            let deadline = Instant::now() + wait;
-            loop {
-                let slice = deadline.saturating_duration_since(Instant::now()).min(FETCH_SLICE);
-                let got = fetch_bounded(&group, max, budget, slice, &c)?;
-                let stop = draining.load(std::sync::atomic::Ordering::Acquire)
-                    || c.load(std::sync::atomic::Ordering::Acquire)
-                    || Instant::now() >= deadline;
-                if !got.is_empty() || stop || slice.is_zero() {
-                    return Ok(got);
-                }
+    let app2 = Arc::clone(&app);
+    // One trip to the blocking pool: a first look, then (if nothing was there
+    // and the request waits) the long-poll, with a `max_long_polls` slot taken
+    // only then.
+    let deliveries = blocking(move || {
+        let got = fetch_bounded(&group, max, budget, Duration::ZERO, &c)?;
+        if !got.is_empty() || wait.is_zero() || app2.is_draining() {
+            return Ok(got);
+        }
+        let _permit = app2.long_poll_permit()?;
+        let draining = app2.draining_flag();
+        let deadline = Instant::now() + wait;
+        loop {
+            let slice = deadline.saturating_duration_since(Instant::now()).min(FETCH_SLICE);
+            let got = fetch_bounded(&group, max, budget, slice, &c)?;
+            let stop = draining.load(std::sync::atomic::Ordering::Acquire)
+                || c.load(std::sync::atomic::Ordering::Acquire)
+                || Instant::now() >= deadline;
+            if !got.is_empty() || stop || slice.is_zero() {
+                return Ok(got);
             }
-        })
-        .await?;
-    }
+        }
+    })
+    .await?;
     ok(StatusCode::OK, Deliveries { deliveries: deliveries.iter().map(delivery_out).collect() })
 }
 
