@@ -451,6 +451,10 @@ struct Inner {
     /// When buffered (`Interval`) entries must be written and synced by
     /// (real time: it bounds the window a crash can lose).
     due: Option<std::time::Instant>,
+    /// The housekeeping thread knows `due` (it read it, or whoever set it
+    /// was told to wake it). False after a caller's failed write set a retry
+    /// deadline on the caller's own thread, which tells nobody.
+    due_told: bool,
     /// Written since the last fdatasync.
     unsynced: bool,
     /// The next write must rewrite the whole file (first write after damage,
@@ -510,6 +514,7 @@ impl Journal {
                 room: len,
                 buf: Vec::new(),
                 due: None,
+                due_told: true,
                 unsynced: false,
                 rewrite,
                 dirty,
@@ -543,14 +548,20 @@ impl Journal {
     /// fdatasyncs before returning, `Os` writes, `Interval` buffers (the
     /// queue's maintenance thread writes and syncs it within the interval).
     pub(crate) fn record(&self, entries: &[Entry], durability: Durability) -> Result<()> {
+        debug_assert!(
+            !matches!(durability, Durability::Interval(_)),
+            "Interval entries must go through record_scheduling, whose answer wakes the housekeeping thread"
+        );
         self.record_scheduling(entries, durability).map(|_| ())
     }
 
     /// [`record`](Journal::record), saying whether the maintenance thread
     /// must be told: true when `Interval` entries moved the sync deadline
-    /// earlier (none was pending, or this one is sooner). A deadline already
-    /// pending was seen by the thread, or told by whoever set it, so an ack
-    /// per delivery wakes that thread once per interval, not once per ack.
+    /// earlier (none was pending, or this one is sooner), or when the pending
+    /// one was set by a failed write on a caller's thread that told nobody.
+    /// Any other pending deadline was seen by the thread, or told by whoever
+    /// set it, so an ack per delivery wakes that thread once per interval,
+    /// not once per ack.
     pub(crate) fn record_scheduling(&self, entries: &[Entry], durability: Durability) -> Result<bool> {
         let mut inner = self.lock();
         for e in entries {
@@ -585,7 +596,9 @@ impl Journal {
                 if sooner {
                     inner.due = Some(due);
                 }
-                Ok(sooner)
+                let tell = sooner || !inner.due_told;
+                inner.due_told = true;
+                Ok(tell)
             }
         }
     }
@@ -601,6 +614,8 @@ impl Journal {
     /// thread's tick). Returns when the next ones are due, if any are buffered.
     pub(crate) fn flush_due(&self) -> Result<Option<std::time::Instant>> {
         let mut inner = self.lock();
+        // Only the housekeeping thread calls this: from here on it knows `due`.
+        inner.due_told = true;
         match inner.due {
             Some(t) if t <= std::time::Instant::now() => self.write_out(&mut inner, true).map(|()| None),
             other => Ok(other),
@@ -642,6 +657,7 @@ impl Journal {
             inner.file = None;
             inner.buf.clear();
             inner.due = Some(std::time::Instant::now() + RETRY_AFTER_FAILURE);
+            inner.due_told = false;
         }
         result
     }

@@ -219,6 +219,65 @@ fn a_stream_of_interval_commits_is_synced_within_the_interval() {
     assert_eq!(queue.consumers()[0].position, 40, "commits made 600 ms before the power cut were lost");
 }
 
+/// A journal write that fails on a caller's thread sets a retry deadline
+/// there and tells nobody; the next `Interval` commit, though its own
+/// deadline is not sooner, must wake the housekeeping thread (found by review:
+/// the commit waited for the thread's 1 s tick).
+#[test]
+fn an_interval_commit_after_a_failed_journal_write_is_synced_within_the_interval() {
+    let disk = SimDisk::new(1);
+    let queue = sim(&disk);
+    fill(&queue, 5);
+    let mut c = queue.consumer("c").unwrap();
+    c.commit_with(1, Durability::Interval(Duration::from_millis(10))).unwrap();
+    std::thread::sleep(Duration::from_millis(100)); // synced; the thread idles toward its tick
+    disk.inject(Fault {
+        path_contains: Some("consumers.journal".into()),
+        ..Fault::new(FaultOp::Write, FaultKind::Eio)
+    });
+    assert!(c.commit_with(2, Durability::Os).is_err(), "the write fault fires");
+    c.commit_with(3, Durability::Interval(Duration::from_millis(100))).unwrap();
+    std::thread::sleep(Duration::from_millis(450));
+    disk.crash_lose_unsynced();
+    std::mem::forget((c, queue)); // a dead process runs no destructors
+    let queue = sim(&disk);
+    assert_eq!(
+        queue.consumers()[0].position,
+        3,
+        "an Interval(100ms) commit made 450 ms before the power cut was lost"
+    );
+}
+
+/// The same for an `Interval` ack after a group fetch's `Delivered` write failed.
+#[test]
+fn an_interval_ack_after_a_failed_delivered_write_is_synced_within_the_interval() {
+    let disk = SimDisk::new(1);
+    let queue = sim(&disk);
+    fill(&queue, 5);
+    let group = queue.group("g").open().unwrap(); // acks: Interval(100 ms)
+    let mut w = group.worker();
+    let d0 = w.fetch(1, Z).unwrap().remove(0);
+    let d1 = w.fetch(1, Z).unwrap().remove(0);
+    group.sync().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    disk.inject(Fault {
+        path_contains: Some("consumers.journal".into()),
+        ..Fault::new(FaultOp::Write, FaultKind::Eio)
+    });
+    assert!(w.fetch(1, Z).is_err(), "the Delivered write fails");
+    w.ack(d0.id()).unwrap();
+    w.ack(d1.id()).unwrap();
+    std::thread::sleep(Duration::from_millis(450));
+    disk.crash_lose_unsynced();
+    std::mem::forget((w, group, queue));
+    let queue = sim(&disk);
+    assert_eq!(
+        queue.groups()[0].ack_floor,
+        2,
+        "Interval(100ms) acks made 450 ms before the power cut were lost"
+    );
+}
+
 /// Dropping the Queue stops the housekeeping thread while groups (and
 /// consumers) live on: their `Interval` acks/commits are never synced (nor
 /// even written) until the last handle goes.
