@@ -2,7 +2,10 @@
 //! groups, queue list and info, `POST /v1/shutdown`, and `GET /openapi.json`.
 //! Handlers never block a runtime thread: appends are awaited
 //! (`append_batch_async_with`), and file I/O, syncs and group fetches run in
-//! `spawn_blocking`. Invariant: a produce answers with an offset only after
+//! `spawn_blocking`. The one read on a runtime thread is a long-poll's read of
+//! the few small records that just woke it (`INLINE_READ_RECORDS`,
+//! `INLINE_READ_BYTES`): just written, so read from the page cache through
+//! the tail's cached map. Invariant: a produce answers with an offset only after
 //! the record is as durable as the request asked.
 //!
 //! Each handler carries its `#[utoipa::path]` (method, path, parameters, the
@@ -41,8 +44,13 @@ use crate::server::App;
 /// How long one blocking group fetch waits before it checks for shutdown.
 const FETCH_SLICE: Duration = Duration::from_millis(100);
 /// A long-poll woken by new records reads them on the runtime thread when at
-/// most this many are visible past its offset (else on the blocking pool).
+/// most this many are visible past its offset (else on the blocking pool)...
 const INLINE_READ_RECORDS: u64 = 64;
+/// ...and answers with at most this many bytes of them (at least the first
+/// record, if it is no larger; a larger first record is read on the blocking
+/// pool). The checksum of the batch holding them is verified there too, so
+/// the runtime thread spends at most one batch's CRC-32C and a 256 KiB copy.
+const INLINE_READ_BYTES: usize = 256 << 10;
 /// Most records in one batch request.
 pub const BATCH_RECORDS_MAX: usize = 10_000;
 
@@ -796,6 +804,14 @@ fn record_bytes(r: &OwnedRecord) -> usize {
         + r.value.len()
 }
 
+/// The bytes a record takes in a response's budget, counted on the map
+/// before anything is copied.
+fn ref_bytes(r: &walq::RecordRef<'_>) -> usize {
+    r.key().map_or(0, <[u8]>::len)
+        + r.headers().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        + r.value().len()
+}
+
 /// Up to `max` records from `from` (records summing to at most `max_bytes`,
 /// but always one if there is one); the offset to read next. Blocking.
 fn read_some(
@@ -804,11 +820,26 @@ fn read_some(
     max: usize,
     max_bytes: usize,
 ) -> walq::Result<(Vec<OwnedRecord>, u64)> {
+    Ok(read_bounded(queue, from, max, max_bytes, usize::MAX)?.unwrap_or_else(|| (Vec::new(), from)))
+}
+
+/// [`read_some`], giving up (`None`, nothing copied) when the first record
+/// alone is over `first_max` bytes.
+fn read_bounded(
+    queue: &Queue,
+    from: u64,
+    max: usize,
+    max_bytes: usize,
+    first_max: usize,
+) -> walq::Result<Option<(Vec<OwnedRecord>, u64)>> {
     let mut reader = queue.read_from(from)?;
     let (mut out, mut bytes) = (Vec::new(), 0usize);
     while out.len() < max {
         let Some(r) = reader.next()? else { break };
-        let size = record_bytes(&r.to_owned_record());
+        let size = ref_bytes(&r);
+        if out.is_empty() && size > first_max {
+            return Ok(None);
+        }
         if !out.is_empty() && bytes + size > max_bytes {
             break;
         }
@@ -816,7 +847,7 @@ fn read_some(
         out.push(r.to_owned_record());
     }
     let next = out.last().map_or(from, |r| r.offset + 1);
-    Ok((out, next))
+    Ok(Some((out, next)))
 }
 
 /// Reads from `from`, waiting up to `limits.wait` for a first record: woken
@@ -836,15 +867,24 @@ async fn read_waiting(
         let (max, max_bytes) = (limits.max, limits.max_bytes);
         // Woken for records that just became visible: they were written
         // moments ago (in the page cache, through the tail's cached map), so
-        // a few are read right here, sparing the wake-up a hop through the
-        // blocking pool; anything else (a first read, which may touch cold
-        // segments, or a long run of records) goes to the blocking pool.
-        let hot = woken && queue.visible_offset().saturating_sub(from) <= INLINE_READ_RECORDS;
-        let got = if hot {
-            read_some(&queue, from, max, max_bytes).map_err(ApiError::from)?
+        // a few small ones are read right here, sparing the wake-up a hop
+        // through the blocking pool; anything else (a first read, which may
+        // touch cold segments, a long run of records, a large record) goes
+        // to the blocking pool.
+        let fresh = queue.visible_offset().saturating_sub(from);
+        let inline = if woken && fresh <= INLINE_READ_RECORDS {
+            let n = usize::try_from(fresh).unwrap_or(1).clamp(1, max);
+            let cap = max_bytes.min(INLINE_READ_BYTES);
+            read_bounded(&queue, from, n, cap, INLINE_READ_BYTES).map_err(ApiError::from)?
         } else {
-            let q = Arc::clone(&queue);
-            blocking(move || read_some(&q, from, max, max_bytes).map_err(ApiError::from)).await?
+            None
+        };
+        let got = match inline {
+            Some(got) => got,
+            None => {
+                let q = Arc::clone(&queue);
+                blocking(move || read_some(&q, from, max, max_bytes).map_err(ApiError::from)).await?
+            }
         };
         let now = Instant::now();
         if !got.0.is_empty() || now >= deadline || app.is_draining() {
@@ -1389,6 +1429,9 @@ fn fetch_bounded(
     first_wait: Duration,
     cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<walq::Delivery>, ApiError> {
+    if cancelled.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(Vec::new()); // nobody to hand deliveries to: take none
+    }
     let mut worker = group.worker_with_prefetch(max);
     let mut out: Vec<walq::Delivery> = Vec::new();
     let mut bytes = 0usize;
@@ -1410,6 +1453,38 @@ fn fetch_bounded(
         }
     }
     Ok(out)
+}
+
+/// One fetch request, blocking, in one trip to the blocking pool: a first
+/// look, then (if nothing was there and the request waits) the long-poll in
+/// `FETCH_SLICE` slices, with a long-poll slot (`take_slot`: 429 when none is
+/// left) taken only then. Returns early, empty, when the client went away
+/// (`cancelled`: what was taken is handed back once, never fetched again) or
+/// the server drains.
+fn fetch_waiting<S>(
+    group: &walq::Group,
+    max: usize,
+    budget: usize,
+    wait: Duration,
+    cancelled: &std::sync::atomic::AtomicBool,
+    draining: &std::sync::atomic::AtomicBool,
+    take_slot: impl FnOnce() -> Result<S, ApiError>,
+) -> Result<Vec<walq::Delivery>, ApiError> {
+    use std::sync::atomic::Ordering::Acquire;
+    let got = fetch_bounded(group, max, budget, Duration::ZERO, cancelled)?;
+    if !got.is_empty() || wait.is_zero() || draining.load(Acquire) || cancelled.load(Acquire) {
+        return Ok(got);
+    }
+    let _slot = take_slot()?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let slice = deadline.saturating_duration_since(Instant::now()).min(FETCH_SLICE);
+        let got = fetch_bounded(group, max, budget, slice, cancelled)?;
+        let stop = draining.load(Acquire) || cancelled.load(Acquire) || Instant::now() >= deadline;
+        if !got.is_empty() || stop || slice.is_zero() {
+            return Ok(got);
+        }
+    }
 }
 
 fn delivery_out(d: &walq::Delivery) -> DeliveryOut {
@@ -1472,27 +1547,9 @@ async fn fetch(
     let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancelled));
     let c = Arc::clone(&cancelled);
     let app2 = Arc::clone(&app);
-    // One trip to the blocking pool: a first look, then (if nothing was there
-    // and the request waits) the long-poll, with a `max_long_polls` slot taken
-    // only then.
     let deliveries = blocking(move || {
-        let got = fetch_bounded(&group, max, budget, Duration::ZERO, &c)?;
-        if !got.is_empty() || wait.is_zero() || app2.is_draining() {
-            return Ok(got);
-        }
-        let _permit = app2.long_poll_permit()?;
         let draining = app2.draining_flag();
-        let deadline = Instant::now() + wait;
-        loop {
-            let slice = deadline.saturating_duration_since(Instant::now()).min(FETCH_SLICE);
-            let got = fetch_bounded(&group, max, budget, slice, &c)?;
-            let stop = draining.load(std::sync::atomic::Ordering::Acquire)
-                || c.load(std::sync::atomic::Ordering::Acquire)
-                || Instant::now() >= deadline;
-            if !got.is_empty() || stop || slice.is_zero() {
-                return Ok(got);
-            }
-        }
+        fetch_waiting(&group, max, budget, wait, &c, &draining, || app2.long_poll_permit())
     })
     .await?;
     ok(StatusCode::OK, Deliveries { deliveries: deliveries.iter().map(delivery_out).collect() })
@@ -1622,4 +1679,64 @@ async fn dead_letters(
     })
     .await?;
     ok(StatusCode::OK, Records { records: records.iter().map(RecordOut::of).collect(), next_offset: next })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn group_with(records: usize) -> (tempfile::TempDir, Queue, walq::Group) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = Queue::open(dir.path()).expect("open");
+        for i in 0..records {
+            queue.append(format!("r{i}").as_bytes()).expect("append");
+        }
+        let group = queue.group("g").open().expect("group");
+        (dir, queue, group)
+    }
+
+    fn no_slot() -> Result<(), ApiError> {
+        panic!("a long-poll slot was taken")
+    }
+
+    /// Review finding: a gone client's fetch took the record, handed it back,
+    /// then long-polled, took it again and handed it back again (delivery
+    /// count 3 on the next real fetch). Now it takes nothing and no slot.
+    #[test]
+    fn a_gone_clients_fetch_takes_no_delivery_and_no_slot() {
+        let (_dir, _queue, group) = group_with(1);
+        let (cancelled, draining) = (AtomicBool::new(true), AtomicBool::new(false));
+        let started = Instant::now();
+        let got = fetch_waiting(&group, 1, 1 << 20, Duration::from_secs(5), &cancelled, &draining, no_slot)
+            .expect("fetch");
+        assert!(got.is_empty() && started.elapsed() < FETCH_SLICE, "returned at once, empty");
+        let next = fetch_bounded(&group, 1, 1 << 20, Duration::ZERO, &AtomicBool::new(false)).expect("fetch");
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].delivery_count(), 1, "the record was never delivered before");
+    }
+
+    #[test]
+    fn a_fetch_takes_a_long_poll_slot_only_when_it_waits() {
+        let (_dir, _queue, group) = group_with(1);
+        let (cancelled, draining) = (AtomicBool::new(false), AtomicBool::new(false));
+        let got = fetch_waiting(&group, 1, 1 << 20, Duration::from_secs(5), &cancelled, &draining, no_slot)
+            .expect("a record there: no slot");
+        assert_eq!(got.len(), 1);
+        let mut slots = 0;
+        let started = Instant::now();
+        let got =
+            fetch_waiting(&group, 1, 1 << 20, Duration::from_millis(150), &cancelled, &draining, || {
+                slots += 1;
+                Ok(())
+            })
+            .expect("nothing there: waits");
+        assert!(got.is_empty() && started.elapsed() >= Duration::from_millis(150));
+        assert_eq!(slots, 1);
+        let refused =
+            fetch_waiting(&group, 1, 1 << 20, Duration::from_secs(5), &cancelled, &draining, || {
+                Err::<(), _>(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_long_polls", "full"))
+            });
+        assert_eq!(refused.expect_err("no slot left").status, StatusCode::TOO_MANY_REQUESTS);
+    }
 }

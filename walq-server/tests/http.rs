@@ -183,6 +183,61 @@ async fn long_poll_returns_when_a_record_arrives() -> TestResult {
     Ok(())
 }
 
+/// A long-poll woken by new records reads a few small ones on the runtime
+/// thread and anything larger on the blocking pool: either way the answer
+/// holds exactly the records appended, within the request's limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn woken_long_polls_answer_large_records_and_long_runs_whole() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await;
+    s.produce("w", "zero").await;
+    let wait_then = |offset: u64, extra: &str| {
+        let url = s.url(&format!("/v1/queues/w/records?offset={offset}&wait_ms=20000{extra}"));
+        let http = s.http.clone();
+        tokio::spawn(async move { http.get(url).send().await?.text().await })
+    };
+    let batch = |n: usize, size: usize| {
+        let records: Vec<Value> =
+            (0..n).map(|i| json!({ "value": format!("{i:06}{}", "x".repeat(size - 6)) })).collect();
+        json!({ "records": records })
+    };
+    // One record over the inline budget (256 KiB): read on the blocking pool, whole.
+    let waiting = wait_then(1, "");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let big = "y".repeat(600 << 10);
+    let (status, _) = s.call(s.http.post(s.url("/v1/queues/w/records")).body(big.clone())).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&waiting.await??)?;
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["records"][0]["value"].as_str().map(str::len), Some(big.len()));
+    assert_eq!(v["next_offset"], 2);
+    // A run of 100 records (more than the 64 read inline): all of them.
+    let waiting = wait_then(2, "");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.post_json("/v1/queues/w/batch", batch(100, 10)).await.0, 200);
+    let v: Value = serde_json::from_str(&waiting.await??)?;
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(100));
+    assert_eq!(v["next_offset"], 102);
+    // 30 records of 20 KiB (600 KiB, fewer than 64): at most the inline
+    // budget in this answer, in order; the next read has the rest.
+    let waiting = wait_then(102, "");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.post_json("/v1/queues/w/batch", batch(30, 20 << 10)).await.0, 200);
+    let v: Value = serde_json::from_str(&waiting.await??)?;
+    let got = v["records"].as_array().cloned().unwrap_or_default();
+    assert!(!got.is_empty() && got.len() < 30, "{} records", got.len());
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r["offset"], 102 + i as u64);
+        assert!(r["value"].as_str().is_some_and(|v| v.starts_with(&format!("{i:06}"))));
+    }
+    let next = v["next_offset"].as_u64().unwrap_or_default();
+    assert_eq!(next, 102 + got.len() as u64);
+    let (_, rest) = s.get(&format!("/v1/queues/w/records?offset={next}")).await;
+    assert_eq!(rest["next_offset"], 132, "the rest in one read");
+    s.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_commit_and_resume_across_a_restart() -> TestResult {
     let dir = tempfile::tempdir()?;
