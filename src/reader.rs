@@ -20,7 +20,8 @@ use crate::record::RecordRef;
 /// before any of its records is returned. A reader sees only records below
 /// the visible watermark (with [`Durability::Sync`](crate::Durability::Sync),
 /// only durable ones) and returns `Ok(None)` at the end; call `next` again
-/// later to see what was appended since.
+/// later to see what was appended since. A reader keeps the queue directory
+/// locked until it is dropped, even after the queue is closed.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;
