@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::fs::{DirLock, Storage, StorageFile, write_all_at};
+use crate::fs::{Storage, StorageFile, write_all_at};
 use crate::index::{self, INDEX_HEADER_LEN, IndexEntry};
 use crate::mmap::Map;
 use crate::segment::{self, SEGMENT_HEADER_LEN, TEMP_SUFFIX};
@@ -178,11 +178,6 @@ pub(crate) struct Log {
     tracking: std::sync::atomic::AtomicBool,
     /// Called after every roll (wakes retention).
     roll_hook: Mutex<Option<RollHook>>,
-    /// The queue directory's lock, held as long as anything can read the
-    /// log: the queue, its consumers and groups (through `Core`) and every
-    /// `Reader` (whose maps must never see another opening's recovery cut
-    /// a file under them).
-    _lock: Box<dyn DirLock>,
 }
 
 /// A callback run after each roll.
@@ -281,7 +276,6 @@ impl Log {
         storage: Arc<dyn Storage>,
         segments: Vec<Arc<Segment>>,
         visible: u64,
-        lock: Box<dyn DirLock>,
     ) -> Log {
         Log {
             dir,
@@ -296,7 +290,6 @@ impl Log {
             removed: AtomicU64::new(0),
             tracking: std::sync::atomic::AtomicBool::new(false),
             roll_hook: Mutex::new(None),
-            _lock: lock,
         }
     }
 

@@ -11,9 +11,7 @@
 //! under the map (changed bytes, or SIGBUS). walq rules both out:
 //!
 //! - it maps only files it owns, in a queue directory it holds locked
-//!   (`fs::Storage::lock_dir`) for as long as any map of them can be read
-//!   (the lock lives in the `Log`, which every reader holds), so no other
-//!   walq instance writes or recovers them meanwhile;
+//!   (`fs::Storage::lock_dir`), so no other walq instance writes them;
 //! - files are append-only: bytes below the published watermark are never
 //!   written again, and a map never exposes bytes past that watermark (the
 //!   page holding the last exposed byte may still change, but only beyond

@@ -13,6 +13,7 @@ use crate::config::{Durability, QueueBuilder, Retention, WhenFull};
 use crate::consumer::{Consumer, ConsumerInfo, StartAt};
 use crate::error::{Error, Result};
 use crate::flush::{Flush, FlushConfig};
+use crate::fs::DirLock;
 use crate::group::{GroupBuilder, GroupInfo};
 use crate::journal::{Entry, Journal, check_name};
 use crate::log::Log;
@@ -68,6 +69,7 @@ pub(crate) struct Core {
     /// The queue handle plus open consumers and groups: the housekeeping
     /// thread runs until the last of them is dropped.
     users: std::sync::atomic::AtomicUsize,
+    _lock: Box<dyn DirLock>,
 }
 
 /// Wakes the housekeeping thread (retention, syncing `Interval` commits and acks).
@@ -360,7 +362,7 @@ impl Queue {
             b.preallocate_bytes.min(b.segment_bytes),
         )?;
         let next = rec.active.next_offset;
-        let log = Arc::new(Log::new(b.dir.clone(), Arc::clone(&b.storage), rec.segments, next, rec.lock));
+        let log = Arc::new(Log::new(b.dir.clone(), Arc::clone(&b.storage), rec.segments, next));
         let io_cfg = WriterConfig {
             segment_bytes: b.segment_bytes,
             preallocate_bytes: b.preallocate_bytes,
@@ -396,6 +398,7 @@ impl Queue {
             housekeeping: Arc::new(Housekeeping::default()),
             housekeeper: Mutex::new(None),
             users: std::sync::atomic::AtomicUsize::new(1),
+            _lock: rec.lock,
         });
         let queue = Queue { flush, log, core, durability: b.durability, report: rec.report, options: b };
         log_roll_hook(&queue.core);
@@ -906,10 +909,8 @@ impl Queue {
     }
 
     /// Syncs everything pending, stops the background flusher and releases
-    /// the directory lock (once the consumers, groups and [`Reader`]s of the
-    /// queue are dropped too: each keeps the directory locked, so that no
-    /// other opening recovers and cuts files under its maps). Dropping the
-    /// queue does the same but cannot report an error. On a poisoned queue this is [`Error::Poisoned`]: what was
+    /// the directory lock. Dropping the queue does the same but cannot report
+    /// an error. On a poisoned queue this is [`Error::Poisoned`]: what was
     /// appended without `Sync` since the failure may not be on disk.
     pub fn close(self) -> Result<()> {
         self.flush.stop_background();

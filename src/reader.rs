@@ -20,8 +20,7 @@ use crate::record::RecordRef;
 /// before any of its records is returned. A reader sees only records below
 /// the visible watermark (with [`Durability::Sync`](crate::Durability::Sync),
 /// only durable ones) and returns `Ok(None)` at the end; call `next` again
-/// later to see what was appended since. A reader keeps the queue directory
-/// locked until it is dropped, even after the queue is closed.
+/// later to see what was appended since.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;

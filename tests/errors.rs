@@ -233,25 +233,6 @@ fn locked_by_a_second_open_in_the_same_process() -> TestResult {
     Ok(())
 }
 
-/// A reader's maps must never see another opening's recovery cut a file
-/// under them (SIGBUS): a reader keeps the directory locked after the queue
-/// is closed, until the reader itself is dropped (found by review).
-#[test]
-fn a_reader_keeps_the_directory_locked_until_it_is_dropped() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let queue = Queue::open(dir.path())?;
-    queue.append(b"x")?;
-    let mut reader = queue.read_from(0)?;
-    queue.close()?;
-    let err = Queue::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::Locked { dir: d } if d == dir.path()), "got {err:?}");
-    assert_eq!(reader.next()?.map(|r| r.value().to_vec()), Some(b"x".to_vec()), "the reader reads on");
-    drop(reader);
-    let queue = Queue::open(dir.path())?;
-    assert_eq!(queue.next_offset(), 1);
-    Ok(())
-}
-
 #[test]
 fn locked_on_a_simulated_disk_too() -> TestResult {
     let disk = SimDisk::new(3);
