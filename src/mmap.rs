@@ -22,6 +22,16 @@
 //! - editing or truncating segment files from outside while walq has them
 //!   mapped is out of scope, and the README says so.
 //!
+//! One gap is known and kept: a `Reader` (and a `RecordRef` it lent) may
+//! outlive its queue, and the directory lock goes with the queue, its
+//! consumers and groups, so that closing a queue and opening it again while
+//! a reader is still in scope works (the quickstart does it). Should that
+//! second opening, in the same process, find damage in records the old reader
+//! had already read and cut the file there, reading those records again
+//! through the old reader would touch pages past the new end of the file
+//! (SIGBUS). A clean or crashed close never leads there: recovery cuts only
+//! bytes no reader was shown (torn or never published).
+//!
 //! # Mapped ahead, exposed behind
 //!
 //! A real map covers the whole file as it is when mapped (an active segment's

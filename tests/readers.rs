@@ -764,3 +764,22 @@ fn tail_readers_see_every_record_through_grown_maps_rolls_and_removals() -> Test
     assert!(n > 1, "the reader inside the removed segment read on");
     Ok(())
 }
+
+/// Closing a queue and opening it again while a reader of it is still in
+/// scope works (the quickstart does it): the lock goes with the queue, and
+/// the old reader still reads what it had.
+#[test]
+fn a_queue_reopens_while_a_reader_of_its_last_opening_is_alive() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let queue = Queue::open(dir.path())?;
+    queue.append(b"one")?;
+    let mut old = queue.read_from(0)?;
+    queue.close()?;
+    let queue = Queue::open(dir.path())?;
+    assert_eq!(queue.append(b"two")?, 1);
+    assert_eq!(old.next()?.map(|r| r.value().to_vec()), Some(b"one".to_vec()));
+    let mut r = queue.read_from(0)?;
+    assert_eq!(r.next()?.map(|r| r.offset()), Some(0));
+    assert_eq!(r.next()?.map(|r| r.value().to_vec()), Some(b"two".to_vec()));
+    Ok(())
+}
